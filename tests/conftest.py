@@ -1,0 +1,59 @@
+"""Shared fixtures: where the sample data lives, and videos whose frames say their index."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Index caches go to a temporary folder: tests never write to the user's cache."""
+    monkeypatch.setenv("TIMECYCLE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test outside CI when it is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing in CI")
+        pytest.skip(f"sample data {path} not present")
+    return path
+
+
+def index_frame(i: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """A frame that shows ``i`` in binary as 8 black or white columns, which survive
+    lossy coding and resizing."""
+    bits = (i >> np.arange(8)) & 1  # (8,)
+    columns = np.repeat(bits * 255, -(-width // 8))[:width].astype(np.uint8)  # (W,)
+    return np.broadcast_to(columns[None, :, None], (height, width, 3)).copy()
+
+
+def frame_index(frame: np.ndarray) -> int:
+    width = frame.shape[1]
+    step = -(-width // 8)
+    centres = (np.arange(8) * step + step // 2).clip(max=width - 1)
+    bits = frame[:, centres].mean(axis=(0, 2)) > 127
+    return int((bits * (1 << np.arange(8))).sum())
+
+
+def write_index_video(path: Path, n: int, fps: int = 30, gop: int = 10, codec: str = "mpeg4") -> Path:
+    """An mp4 of ``n`` frames (n <= 256), keyframes every ``gop``, frame i showing i."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = gop
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

@@ -1,0 +1,149 @@
+"""Cycles through time and the TimeCycle objective (METHOD.md section 5).
+
+A training example is a clip of T frames, a later target frame, a query patch cut from
+the target with a known theta, and that theta. The patch is tracked backward through the
+clip and forward again into the target; wherever it lands should be where it was cut.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timecycle.config import ALIGN_CORNERS, ModelConfig
+from timecycle.model.encoder import build_encoder, feature_size, l2_normalize
+from timecycle.model.tracker import Hop, Tracker
+
+SIMILARITIES = ("inlier", "feature")
+
+
+def tracking_distance(theta: Tensor, theta_true: Tensor, points: int = 20) -> Tensor:
+    """Mean squared distance between a points x points grid over [-1, 1]^2 mapped by either theta.
+
+    theta, theta_true: (..., 2, 3). Measuring on points rather than on theta's entries
+    weighs rotation and translation errors by how far they move the patch. For a pure
+    translation difference d the value is |d|^2.
+    """
+    lin = torch.linspace(-1.0, 1.0, points, device=theta.device, dtype=theta.dtype)
+    y, x = torch.meshgrid(lin, lin, indexing="ij")
+    grid = torch.stack([x.flatten(), y.flatten(), torch.ones_like(x.flatten())], -1)  # (N, 3)
+    diff = grid @ (theta - theta_true).transpose(-1, -2)  # (..., N, 2)
+    return diff.pow(2).sum(-1).mean()
+
+
+def _cell_coords(x: Tensor, cells: int) -> Tensor:
+    """Normalised coordinate -> grid index coordinate, in which cell i's centre is at i."""
+    return (x + 1) * (cells - 1) / 2 if ALIGN_CORNERS else ((x + 1) * cells - 1) / 2
+
+
+def inlier_score(aff: Tensor, theta: Tensor, frame_grid: tuple[int, int]) -> Tensor:
+    """Affinity mass each patch cell puts where theta says that cell went: (B, h, w), in [0, 1].
+
+    aff (B, H*W, h, w) as from :func:`~timecycle.model.tracker.affinity`. "Where" is the
+    theta-mapped centre of the cell, and the affinity map is read there by bilinear
+    interpolation between the four nearest frame cells (zero beyond the border cells'
+    centres, like grid_sample's zero padding). It is therefore 1 exactly when the affinity
+    is a delta on a cell centre that theta hits, and differentiable in the affinity (the
+    encoder) and in theta (the localiser) alike. The release counted the mass at the mapped
+    location too; reading it bilinearly is this project's choice.
+    """
+    b, _, h, w = aff.shape
+    H, W = frame_grid
+    loc = F.affine_grid(theta.to(aff.dtype), [b, 1, h, w], align_corners=ALIGN_CORNERS)  # (B, h, w, 2)
+    u, v = _cell_coords(loc[..., 0], W), _cell_coords(loc[..., 1], H)  # (B, h, w)
+    cols = torch.arange(W, device=aff.device, dtype=aff.dtype)
+    rows = torch.arange(H, device=aff.device, dtype=aff.dtype)
+    wx = (1 - (u[..., None] - cols).abs()).clamp(min=0)  # (B, h, w, W)
+    wy = (1 - (v[..., None] - rows).abs()).clamp(min=0)  # (B, h, w, H)
+    return torch.einsum("byxhw,bhwy,bhwx->bhw", aff.reshape(b, H, W, h, w), wy, wx)
+
+
+def feature_similarity(query: Tensor, tracked: Tensor) -> Tensor:
+    """Cosine between corresponding cells of two unit-length feature patches (B, C, h, w) -> (B, h, w)."""
+    return (query * tracked).sum(1)
+
+
+def long_cycle_frames(clip_frames: int, k: int) -> list[int]:
+    """Frames visited by the long cycle of length k, in hop order; ``clip_frames`` is the target.
+
+    Backward through the k clip frames nearest the target, forward through k - 1 of them,
+    home into the target: 2k hops.
+    """
+    t = clip_frames
+    return list(range(t - 1, t - k - 1, -1)) + list(range(t - k + 1, t + 1))
+
+
+class TimeCycle(nn.Module):
+    """The encoder, one tracker (one localiser for every hop) and the cycle losses.
+
+    ``frame_size`` and ``patch_size`` (square, pixels, multiples of 8 for exact grids)
+    fix the localiser's input grids and theta's scale patch_size / frame_size; they are
+    the sampler's crop and patch sides.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None, frame_size: int = 240, patch_size: int = 80) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        if cfg.loss.similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {cfg.loss.similarity!r}; known: {', '.join(SIMILARITIES)}")
+        self.loss_cfg = cfg.loss
+        self.encoder = build_encoder(cfg.encoder)
+        g, p = feature_size(frame_size), feature_size(patch_size)
+        self.tracker = Tracker((g, g), (p, p), patch_size / frame_size, cfg.tracker)
+
+    def forward(self, clip: Tensor, target: Tensor, patch: Tensor, theta_true: Tensor) -> dict[str, Tensor]:
+        """Losses of one batch.
+
+        clip (B, T, 3, S, S) in time order (clip[:, -1] nearest the target), target
+        (B, 3, S, S), patch (B, 3, P, P): all normalised with ``normalize_frames``;
+        theta_true (B, 2, 3) cut the patch from the target. Returns the scalar losses
+        'long', 'skip', 'sim' and their weighted sum 'total', and 'cycle_thetas'
+        (B, 2T, 2, 3), detached: the hops of the longest cycle, in the order of
+        ``long_cycle_frames(T, T)``, for drawing.
+        """
+        b, t = clip.shape[:2]
+        frames = torch.cat([clip, target[:, None]], 1).flatten(0, 1)  # (B*(T+1), 3, S, S)
+        feats = self.encoder(frames).unflatten(0, (b, t + 1))  # (B, T+1, C, H, W); index T: target
+        units = l2_normalize(feats, dim=2)
+        query = l2_normalize(self.encoder(patch))  # (B, C, h, w)
+
+        def each(x: Tensor) -> Tensor:
+            """(B, ...) -> (B*T, ...), one copy per clip frame."""
+            return x[:, None].expand(b, t, *x.shape[1:]).flatten(0, 1)
+
+        # The patch into every clip frame at once: the similarity term's hops, the skip
+        # cycles' first halves and the long cycles' first hop.
+        first = self.tracker(each(query), feats[:, :t].flatten(0, 1), units[:, :t].flatten(0, 1))
+        home = self.tracker(first.patch, each(feats[:, t]), each(units[:, t]))
+        skip = tracking_distance(home.theta, each(theta_true), self.loss_cfg.grid_points)
+
+        def hop(q: Tensor, i: int) -> Hop:
+            return self.tracker(q, feats[:, i], units[:, i])
+
+        # Long cycles share their backward halves: extend one backward track a frame at a time.
+        back = first.patch.unflatten(0, (b, t))[:, t - 1]
+        back_thetas = [first.theta.unflatten(0, (b, t))[:, t - 1]]
+        long_terms = []
+        for k in range(1, t + 1):
+            if k > 1:
+                step = hop(back, t - k)
+                back, back_thetas = step.patch, back_thetas + [step.theta]
+            cur, thetas = back, list(back_thetas)
+            for i in long_cycle_frames(t, k)[k:]:
+                step = hop(cur, i)
+                cur, thetas = step.patch, thetas + [step.theta]
+            long_terms.append(tracking_distance(step.theta, theta_true, self.loss_cfg.grid_points))
+        long = torch.stack(long_terms).mean()
+
+        if self.loss_cfg.similarity == "inlier":
+            score = inlier_score(first.affinity, first.theta, self.tracker.frame_grid)
+        else:
+            score = feature_similarity(each(query), first.patch)
+        sim = -score.mean()
+
+        c = self.loss_cfg
+        total = c.long_weight * long + c.skip_weight * skip + c.sim_weight * sim
+        return {
+            "long": long, "skip": skip, "sim": sim, "total": total,
+            "cycle_thetas": torch.stack(thetas, 1).detach(),
+        }
