@@ -284,3 +284,32 @@ def test_losses_compare_where_the_cycles_end_with_the_true_theta():
 def test_unknown_similarity_is_rejected():
     with pytest.raises(ValueError, match="similarity"):
         TimeCycle(ModelConfig(EncoderConfig("resnet18"), loss=LossConfig(similarity="l2")), 72, 24)
+
+
+@torch.no_grad()
+def test_batched_cycles_equal_plain_sequential_cycles():
+    """The model runs the skip cycles and the long cycles' forward halves as batches;
+    hop by hop, one cycle at a time, they must give the same losses and drawn thetas."""
+    torch.manual_seed(1)
+    model = small_model().eval()  # eval: BatchNorm must not depend on how frames are batched
+    torch.nn.init.normal_(model.tracker.localiser.head.weight, 0, 0.3)  # cycles that wander
+    b, t = 2, 4
+    clip, target, patch = torch.rand(b, t, 3, 72, 72), torch.rand(b, 3, 72, 72), torch.rand(b, 3, 24, 24)
+    theta_true = centred_theta(b, 1 / 3, 0.2, -0.3)
+    out = model(clip, target, patch, theta_true)
+
+    feats = [model.encoder(clip[:, i]) for i in range(t)] + [model.encoder(target)]
+    query = l2_normalize(model.encoder(patch))
+
+    def run(frames: list[int]) -> list[torch.Tensor]:
+        q, thetas = query, []
+        for i in frames:
+            hop = model.tracker(q, feats[i])
+            q, thetas = hop.patch, thetas + [hop.theta]
+        return thetas
+
+    longs = [tracking_distance(run(long_cycle_frames(t, k))[-1], theta_true) for k in range(1, t + 1)]
+    skips = [tracking_distance(run([i, t])[-1], theta_true) for i in range(t)]
+    assert out["long"].item() == pytest.approx(torch.stack(longs).mean().item(), abs=1e-5)
+    assert out["skip"].item() == pytest.approx(torch.stack(skips).mean().item(), abs=1e-5)
+    assert torch.allclose(out["cycle_thetas"], torch.stack(run(long_cycle_frames(t, t)), 1), atol=1e-5)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 NOT_BUILT = {
-    "train": "self-supervised training (the model and training issue)",
     "propagate": "label propagation (the propagation issue)",
     "evaluate": "the DAVIS / JHMDB / VIP / flow suites (the evaluation issue)",
     "demo": "the offline demo (the demo issue)",
@@ -43,6 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--objects", type=int, default=3)
     synth.add_argument("--seed", type=int, default=0)
 
+    train = sub.add_parser("train", help="self-supervised training on a folder of videos (torchrun for several GPUs)")
+    train.add_argument("--config", default="cpu-small",
+                       help="a preset (timecycle-r50, cpu-small) or a YAML file naming one and overriding fields")
+    train.add_argument("--data", type=Path, required=True, help="a folder of videos and/or frame folders")
+    train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, TensorBoard logs, summary")
+    train.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                       help="continue from a checkpoint (default: the run folder's last one)")
+    train.add_argument("--max-steps", type=int, help="stop after this many steps in all")
+    train.add_argument("--minutes", type=float, help="stop after this much training time")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="clips per step over all processes")
+    train.add_argument("--workers", type=int, help="data-loader processes per training process")
+    train.add_argument("--freeze-encoder-steps", type=int,
+                       help="warm-up steps in which only the tracker learns (the remedy when training stalls)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU of this process if any)")
+
     for name, what in NOT_BUILT.items():
         sub.add_parser(name, help=f"{what}: not built yet", add_help=False)
     return parser
@@ -59,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "synth":
         return _synth(args)
+    if args.command == "train":
+        return _train(args)
 
     from timecycle.info import describe_environment, describe_index, describe_video
     from timecycle.video import VideoError
@@ -72,6 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     except VideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from timecycle.config import load_train_config
+    from timecycle.train import LAST, train
+    from timecycle.video import VideoError
+
+    cfg = load_train_config(args.config)
+    flags = {"max_steps": args.max_steps, "minutes": args.minutes, "epochs": args.epochs,
+             "batch_size": args.batch_size, "workers": args.workers,
+             "freeze_encoder_steps": args.freeze_encoder_steps, "seed": args.seed}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    resume = args.out / LAST if args.resume == "last" else args.resume
+    try:
+        summary = train(cfg, args.data, args.out, resume=resume, device=args.device)
+    except (VideoError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["losses"].items())
+    print(f"trained {summary['steps']} steps ({losses}); checkpoint {summary['checkpoint']}")
     return 0
 
 

@@ -7,6 +7,7 @@ default and the field's comment names the paper's.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,40 +51,6 @@ class SampleConfig:
         return (self.clip_frames - 1) * self.clip_gap + self.target_offset + self.motion_offset + 1
 
 
-def _override(obj: Any, values: dict[str, Any], where: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``values`` applied, recursing into nested
-    dataclasses; unknown keys are an error naming the key, so typos never pass silently."""
-    known = {f.name: f for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, value in values.items():
-        if key not in known:
-            raise KeyError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = _override(current, value, f"{where}.{key}")
-        changes[key] = value
-    return dataclasses.replace(obj, **changes)
-
-
-def load_yaml_overrides(obj: Any, path: str | Path) -> Any:
-    """Apply the settings of a YAML file to a config dataclass."""
-    import yaml
-
-    path = Path(path)
-    with path.open() as fh:
-        values = yaml.safe_load(fh) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of settings at the top level")
-    return _override(obj, values, str(path))
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
-__all__ = ["ALIGN_CORNERS", "SampleConfig", "load_yaml_overrides", "to_dict"]
-
-
 @dataclass
 class EncoderConfig:
     """The stride-8 backbone (METHOD.md section 2)."""
@@ -125,4 +92,113 @@ class ModelConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
 
-__all__ += ["EncoderConfig", "TrackerConfig", "LossConfig", "ModelConfig"]
+@dataclass
+class OptimConfig:
+    """Adam as in the release (METHOD.md section 5): constant rate, no weight decay."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0  # max global gradient norm
+
+
+@dataclass
+class TrainConfig:
+    """One training run: data sampling, model, optimiser and the loop's own settings."""
+
+    name: str = "timecycle-r50"
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    batch_size: int = 36  # clips per step over all processes; each of N processes takes batch_size / N
+    epochs: int = 30  # an epoch draws one sample from every video
+    max_steps: int | None = None  # stop earlier, after this many optimiser steps in all
+    minutes: float | None = None  # stop earlier, after this much training time
+    workers: int = 4  # data-loader processes per training process
+    freeze_encoder_steps: int = 0  # warm-up in which only the tracker learns (the remedy for stalls)
+    checkpoint_every: int = 1000  # steps between checkpoints, besides one at every epoch's end
+    keep_epoch_checkpoints: bool = True  # also keep each epoch's as checkpoint_epochNNN.pt
+    log_every: int = 10  # steps between TensorBoard scalars
+    image_every: int = 500  # steps between TensorBoard cycle figures
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, on GPU only
+    channels_last: bool = True  # on GPU only, where cuDNN's convolutions prefer it
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # The release: ResNet-50 to layer3 at stride 8, 512-d, 240 crops and 80 patches,
+    # 4 clip frames plus the target, batch 36, Adam 2e-4 (0.5, 0.999), clip 10, 30 epochs.
+    "timecycle-r50": TrainConfig(),
+    # A small encoder at low resolution that learns visibly within minutes on 2 CPU
+    # cores: ResNet-18 (256-d), 96 crops and 32 patches (12x12 and 4x4 cells), so the
+    # localiser's kernel shrinks to 2; the motion grid keeps cells of half a patch.
+    "cpu-small": TrainConfig(
+        name="cpu-small",
+        sample=SampleConfig(short_side=112, crop=96, patch=32, motion_grid=6, motion_window=2),
+        model=ModelConfig(encoder=EncoderConfig(arch="resnet18", dim=None), tracker=TrackerConfig(kernel=2)),
+        optim=OptimConfig(lr=1e-3),
+        batch_size=8,
+        epochs=1000,
+        workers=1,
+        checkpoint_every=200,
+        keep_epoch_checkpoints=False,  # epochs of a small folder last seconds
+        log_every=5,
+        image_every=50,
+        amp=False,
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def load_train_config(spec: str | Path) -> TrainConfig:
+    """A preset by name, or a YAML file naming a ``preset`` and overriding any of its fields."""
+    if str(spec) in PRESETS:
+        return preset(str(spec))
+    import yaml
+
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    with path.open() as fh:
+        values = yaml.safe_load(fh) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    base = preset(values.pop("preset", "timecycle-r50"))
+    return _override(base, values, str(path))
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The inverse of :func:`to_dict`, for configs stored in checkpoints."""
+    return _override(TrainConfig(), values, "checkpoint config")
+
+
+def _override(obj: Any, values: dict[str, Any], where: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` applied, recursing into nested
+    dataclasses; unknown keys are an error naming the key, so typos never pass silently."""
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise KeyError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = _override(current, value, f"{where}.{key}")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)  # YAML has no tuples
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+__all__ = [
+    "ALIGN_CORNERS", "EncoderConfig", "LossConfig", "ModelConfig", "OptimConfig", "PRESETS", "SampleConfig",
+    "TrackerConfig", "TrainConfig", "config_from_dict", "load_train_config", "preset", "to_dict",
+]

@@ -189,17 +189,16 @@ def make_sample(frames: np.ndarray, cfg: SampleConfig, rng: np.random.Generator)
 class TimeCycleDataset(Dataset):
     """TimeCycle samples from a list of probed videos, one sample per video per epoch.
 
-    Randomness: item ``i`` draws everything (start frame, crop, flip, patch place,
-    rotation) from ``np.random.default_rng([seed, epoch, i])``, so a given
-    (seed, epoch, i) gives the same sample whatever the number of workers or the order
-    they ask in. Call :meth:`set_epoch` before each epoch in the main process; workers
-    that persist across epochs (``persistent_workers=True``) keep the epoch they were
-    started with, so leave that option off.
+    Items are keyed by ``(epoch, i)`` (a plain ``i`` means epoch 0), and item ``i`` of
+    an epoch draws everything (start frame, crop, flip, patch place, rotation) from
+    ``np.random.default_rng([seed, epoch, i])``: the same sample whatever the number of
+    workers or the order they ask in. The epoch travels in the key rather than living
+    in the dataset so that data-loader workers can persist across epochs.
 
     Failures: a video that raises :class:`VideoError` when opened or read (or turns out
-    shorter than its index said) is logged, counted in ``self.skipped`` and replaced by
-    the next video. The counter lives in the process that did the reading, so with
-    worker processes each worker counts its own skips.
+    shorter than its index said) is logged and replaced by the next video; the item's
+    ``skipped`` says how many were passed over. The count travels with the batch
+    because a counter kept in a data-loader worker never reaches the training loop.
     """
 
     def __init__(
@@ -212,9 +211,7 @@ class TimeCycleDataset(Dataset):
         check_config(cfg)
         self.cfg = cfg
         self.seed = seed
-        self.epoch = 0
         self.open_fn = open_fn
-        self.skipped = 0
         entries = list(getattr(videos, "entries", videos))
         minimum = min_frames(cfg)
         self.videos = [v for v in entries if v.frames_at(cfg.fps) >= minimum]
@@ -227,16 +224,15 @@ class TimeCycleDataset(Dataset):
             raise ValueError(f"none of the {len(entries)} videos is long enough for one sample "
                              f"({minimum} frames at {cfg.fps:g} fps)")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        """The sample of video ``i``, or of the next readable video; ``index`` says which
-        video it came from and ``start`` its first frame at ``cfg.fps``."""
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        """The sample of video ``i`` in ``epoch`` (key ``(epoch, i)``), or of the next
+        readable video; ``index`` says which video it came from and ``start`` its first
+        frame at ``cfg.fps``."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, i])
         minimum = min_frames(self.cfg)
         for attempt in range(len(self)):
             index = (i + attempt) % len(self)
@@ -251,11 +247,10 @@ class TimeCycleDataset(Dataset):
                     start = int(rng.integers(0, num_frames - offsets.span + 1))
                     frames = video.read([start + k for k in offsets.indices])
             except VideoError as err:
-                self.skipped += 1
                 log.warning("skipping video %s: %s", info.path, err.problem if err.path == info.path else err)
                 continue
             sample = make_sample(frames, self.cfg, rng)
-            return {**sample, "index": index, "start": start}
+            return {**sample, "index": index, "start": start, "skipped": attempt}
         raise RuntimeError(f"every one of the {len(self)} videos failed to decode; see the warnings above")
 
 

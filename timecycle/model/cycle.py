@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from timecycle.config import ALIGN_CORNERS, ModelConfig
 from timecycle.model.encoder import build_encoder, feature_size, l2_normalize
-from timecycle.model.tracker import Hop, Tracker
+from timecycle.model.tracker import Tracker
 
 SIMILARITIES = ("inlier", "feature")
 
@@ -117,22 +117,32 @@ class TimeCycle(nn.Module):
         home = self.tracker(first.patch, each(feats[:, t]), each(units[:, t]))
         skip = tracking_distance(home.theta, each(theta_true), self.loss_cfg.grid_points)
 
-        def hop(q: Tensor, i: int) -> Hop:
-            return self.tracker(q, feats[:, i], units[:, i])
-
-        # Long cycles share their backward halves: extend one backward track a frame at a time.
-        back = first.patch.unflatten(0, (b, t))[:, t - 1]
-        back_thetas = [first.theta.unflatten(0, (b, t))[:, t - 1]]
+        # Long cycles share their backward halves: extend one backward track a frame at a
+        # time; after k hops it is at clip frame t - k.
+        back = [first.patch.unflatten(0, (b, t))[:, t - 1]]  # each (B, C, h, w)
+        thetas = [first.theta.unflatten(0, (b, t))[:, t - 1]]  # the longest cycle's hops, for drawing
+        for k in range(2, t + 1):
+            step = self.tracker(back[-1], feats[:, t - k], units[:, t - k])
+            back.append(step.patch)
+            thetas.append(step.theta)
+        # Forward halves in lockstep: at step j every cycle k > j hops into its frame
+        # t - k + 1 + j, all of them as one batch, so the tracker runs t times, not t(t+1)/2.
+        current = dict(enumerate(back, start=1))  # cycle k -> its patch
         long_terms = []
-        for k in range(1, t + 1):
-            if k > 1:
-                step = hop(back, t - k)
-                back, back_thetas = step.patch, back_thetas + [step.theta]
-            cur, thetas = back, list(back_thetas)
-            for i in long_cycle_frames(t, k)[k:]:
-                step = hop(cur, i)
-                cur, thetas = step.patch, thetas + [step.theta]
-            long_terms.append(tracking_distance(step.theta, theta_true, self.loss_cfg.grid_points))
+        for j in range(t):
+            active = list(range(j + 1, t + 1))
+            frames_at = torch.tensor([t - k + 1 + j for k in active], device=feats.device)
+            step = self.tracker(
+                torch.cat([current[k] for k in active]),  # (n*B, C, h, w)
+                feats[:, frames_at].transpose(0, 1).flatten(0, 1),  # (n*B, C, H, W)
+                units[:, frames_at].transpose(0, 1).flatten(0, 1),
+            )
+            for k, patch_k, theta_k in zip(active, step.patch.chunk(len(active)), step.theta.chunk(len(active))):
+                current[k] = patch_k
+                if k == j + 1:  # cycle k's last hop, home into the target
+                    long_terms.append(tracking_distance(theta_k, theta_true, self.loss_cfg.grid_points))
+                if k == t:
+                    thetas.append(theta_k)
         long = torch.stack(long_terms).mean()
 
         if self.loss_cfg.similarity == "inlier":
