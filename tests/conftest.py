@@ -17,6 +17,18 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TIMECYCLE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The test machine's two cores are shared (and data-loader workers run torch on one
+    thread anyway); small ops run several times faster on one thread than on two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data; skips the test outside CI when it is missing."""
     path = SHARED_DATA.joinpath(*parts)

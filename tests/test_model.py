@@ -27,15 +27,6 @@ from timecycle.model import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's two cores are shared; small ops run several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_model(similarity: str = "inlier") -> TimeCycle:
     """ResNet-18 on 72-px frames and 24-px patches: 9x9 and 3x3 grids, hence a 2x2 localiser kernel."""
     cfg = ModelConfig(

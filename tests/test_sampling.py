@@ -26,16 +26,6 @@ from timecycle.video import VideoError, VideoInfo
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Samples are made in data-loader workers, which run torch on one thread; on a
-    busy 2-core machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 DEFAULT = SampleConfig()
 # Every size and count differs from the default, so nothing hard-coded can pass.
 SMALL = SampleConfig(short_side=100, crop=96, patch=32, clip_frames=3, clip_gap=3, target_offset=5,

@@ -37,14 +37,6 @@ def videos(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def history(out: Path) -> dict[int, dict]:
     ckpt = load_checkpoint(out / LAST)
     return {h["step"]: h for h in ckpt["progress"]["history"]}

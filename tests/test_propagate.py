@@ -1,0 +1,441 @@
+"""Label propagation: the engine against a plain dense implementation, on videos whose
+correct answer is known, and the public entry point end to end."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from timecycle.model.encoder import Encoder
+from timecycle.propagate import (
+    PRESETS,
+    InputSize,
+    PropagationConfig,
+    _Geometry,
+    one_hot,
+    preset,
+    propagate,
+    propagate_features,
+    resolve_config,
+    to_mask,
+    to_points,
+)
+from timecycle.video import VideoError
+
+
+def dense_reference(feats: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig) -> list[torch.Tensor]:
+    """Propagation as the protocol states it, in float64: the full affinity of each frame
+    against its whole context, masked, top-k, softmax. (T, C, h, w) -> T-1 maps (K, h, w)."""
+    frames, _, h, w = feats.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dy = ys.flatten()[:, None] - ys.flatten()[None, :]  # (hw queries, hw keys)
+    dx = xs.flatten()[:, None] - xs.flatten()[None, :]
+    everywhere = torch.ones(h * w, h * w, dtype=torch.bool)
+    if cfg.radius is None:
+        near = everywhere
+    elif cfg.radius_shape == "circle":
+        near = dy ** 2 + dx ** 2 <= cfg.radius ** 2
+    else:
+        near = torch.maximum(dy.abs(), dx.abs()) <= cfg.radius
+
+    labels = [first_labels.double()]
+    for t in range(1, frames):
+        context = [0] + list(range(max(1, t - cfg.context), t))
+        query = feats[t].flatten(1).T.double()  # (hw, C)
+        keys = torch.stack([feats[c].flatten(1).T for c in context]).double()  # (F, hw, C)
+        key_labels = torch.stack([labels[c].flatten(1).T for c in context])  # (F, hw, K)
+        scores = torch.einsum("qc,fkc->qfk", query, keys) / cfg.temperature  # (hw, F, hw)
+        usable = torch.stack([everywhere if c == 0 and not cfg.radius_on_first else near for c in context], 1)
+        scores = scores.masked_fill(~usable, -math.inf)
+        if cfg.softmax == "frame":
+            scores = scores.log_softmax(dim=2)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        if cfg.top_k_per_frame:
+            keep.scatter_(2, scores.topk(min(cfg.top_k, h * w), dim=2).indices, True)
+        else:
+            flat = scores.reshape(h * w, -1)
+            keep.view(h * w, -1).scatter_(1, flat.topk(min(cfg.top_k, flat.shape[1]), dim=1).indices, True)
+        kept = scores.masked_fill(~keep, -math.inf)
+        if cfg.softmax == "kept":
+            weights = kept.reshape(h * w, -1).softmax(dim=1).view_as(kept)
+        else:
+            weights = kept.exp() / len(context)
+        pred = torch.einsum("qfk,fkl->lq", weights, key_labels).reshape(-1, h, w)
+        if cfg.minmax:
+            low, high = pred.amin((1, 2), keepdim=True), pred.amax((1, 2), keepdim=True)
+            pred = torch.where(high > low, (pred - low) / (high - low), 0.0)
+        labels.append(pred)
+    return labels[1:]
+
+
+def random_features(frames: int, channels: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Signed random unit features: their scores are spread out, so no two keys tie for
+    the k-th place within float32 rounding. (With all-positive features, as post-ReLU
+    encoders give, near-ties are common and float32 and float64 may keep different keys.)"""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(frames, channels, h, w, generator=g), dim=1)
+
+
+def run(feats: torch.Tensor, labels: torch.Tensor, cfg: PropagationConfig) -> list[torch.Tensor]:
+    return list(propagate_features(feats, labels, cfg))
+
+
+# ----------------------------------------------------------------------------- engine vs. dense reference
+
+# (radius, shape, on first frame): none, circles and squares of integer and fractional
+# radius, on and off the first frame, and one reaching past the whole grid.
+WINDOWS = [(None, "circle", False), (2.5, "circle", False), (2.5, "circle", True),
+           (3.0, "square", False), (1.0, "square", True), (20.0, "circle", False)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"r{w[0]}-{w[1]}-{'first' if w[2] else 'nofirst'}")
+@pytest.mark.parametrize("per_frame", [False, True], ids=["joint", "perframe"])
+@pytest.mark.parametrize("softmax", ["kept", "frame"])
+@pytest.mark.parametrize("context", [0, 3])
+def test_engine_equals_dense_reference(window, per_frame, softmax, context):
+    radius, shape, on_first = window
+    # 11 x 13 cells: four tiles, three of them partial; 8 frames: the ring of 3 wraps.
+    feats = random_features(8, 8, 11, 13, seed=context)
+    first = torch.rand(3, 11, 13, generator=torch.Generator().manual_seed(1))
+    for minmax in (False, True):
+        cfg = PropagationConfig(context=context, temperature=0.1, top_k=4, top_k_per_frame=per_frame,
+                                softmax=softmax, radius=radius, radius_shape=shape,
+                                radius_on_first=on_first, minmax=minmax)
+        got, want = run(feats, first, cfg), dense_reference(feats, first, cfg)
+        assert len(got) == len(want) == 7
+        for t, (g, r) in enumerate(zip(got, want), start=1):
+            assert g.shape == (3, 11, 13)
+            torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0, msg=f"frame {t}, {cfg}")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_equal_dense_reference(name):
+    """Each protocol's own settings (radius 12, contexts of 7 and 20) on a 20 x 26 grid:
+    the radius cuts, the contexts fill and the ring wraps within 24 frames."""
+    feats = random_features(24, 6, 20, 26, seed=3)
+    first = torch.from_numpy(one_hot(np.random.default_rng(0).integers(0, 3, (20, 26)))[0])
+    cfg = preset(name)
+    for t, (g, r) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
+        torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0, msg=f"frame {t}")
+
+
+def test_more_kept_keys_than_the_window_holds():
+    """top-k beyond the usable keys: the unusable ones weigh nothing."""
+    feats = random_features(4, 8, 9, 10)
+    first = torch.rand(2, 9, 10)
+    for per_frame in (False, True):
+        cfg = PropagationConfig(context=2, top_k=50, top_k_per_frame=per_frame, radius=1.0, radius_on_first=True)
+        for g, r in zip(run(feats, first, cfg), dense_reference(feats, first, cfg)):
+            torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- known answers
+
+
+def position_features(frames: int, h: int, w: int) -> torch.Tensor:
+    """Every cell's feature is one-hot of its position: a cell matches only itself."""
+    eye = torch.eye(h * w).T.reshape(h * w, h, w)
+    return eye.expand(frames, -1, -1, -1)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_static_video_propagates_exactly(name):
+    """Exact up to what the softmax leaves on the other kept keys: exp(-1 / tau) each,
+    at most 4.5e-5 (DINO's tau = 0.1)."""
+    h, w = 10, 12
+    mask = np.zeros((h, w), np.uint8)
+    mask[2:6, 3:9] = 1
+    mask[6:, 8:] = 2
+    labels = torch.from_numpy(one_hot(mask)[0])
+    cfg = preset(name)
+    leak = cfg.top_k * (cfg.context + 1) * math.exp(-1 / cfg.temperature)
+    for t, pred in enumerate(run(position_features(25, h, w), labels, cfg), start=1):
+        torch.testing.assert_close(pred, labels, atol=leak, rtol=0, msg=f"frame {t}")
+        np.testing.assert_array_equal(pred.argmax(0).numpy(), mask)
+
+
+def moving_scene(frames: int, h: int, w: int, channels: int = 32, seed: int = 0):
+    """Two textured rectangles moving past each other on the feature grid.
+
+    Each object carries a random code field in its own coordinates, so a point keeps
+    its feature as it moves: corresponding cells are identical and all others differ.
+    The background is one code, so background uncovered behind an object, which no
+    earlier frame shows, still has its matches. Returns features (T, C, h, w) and masks
+    (T, h, w) with ids 0 (background), 1 and 2 (in front)."""
+    rng = np.random.default_rng(seed)
+    objects = [  # (top, left, height, width, velocity y, velocity x)
+        (3, 4, 12, 14, 1, 1),
+        (16, 24, 10, 10, -1, -2),
+    ]
+    codes = [rng.normal(size=(oh, ow, channels)) for _, _, oh, ow, _, _ in objects]
+    feats = np.broadcast_to(rng.normal(size=channels), (frames, h, w, channels)).copy()
+    masks = np.zeros((frames, h, w), np.uint8)
+    ys, xs = np.mgrid[0:h, 0:w]
+    for t in range(frames):
+        for k, (top, left, oh, ow, vy, vx) in enumerate(objects, start=1):
+            ly, lx = ys - (top + vy * t), xs - (left + vx * t)
+            inside = (ly >= 0) & (ly < oh) & (lx >= 0) & (lx < ow)
+            feats[t][inside] = codes[k - 1][ly[inside], lx[inside]]
+            masks[t][inside] = k
+    feats = F.normalize(torch.from_numpy(feats).float().permute(0, 3, 1, 2), dim=1)
+    return feats, masks
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_propagation_follows_the_motion(name):
+    feats, masks = moving_scene(12, 32, 40)
+    labels = torch.from_numpy(one_hot(masks[0])[0])
+    for t, pred in enumerate(run(feats, labels, preset(name)), start=1):
+        got = pred.argmax(0).numpy()
+        for k in (1, 2):
+            assert iou(got == k, masks[t] == k) > 0.9, f"frame {t}, object {k}"
+
+
+def test_radius_is_inclusive_at_its_boundary():
+    """All features equal and top-k beyond the window: each query averages the labels of
+    exactly the keys within reach, so one labelled key shows which queries reach it."""
+    h, w = 13, 17  # partial tiles on both axes
+    key = (6, 9)
+    labels = torch.zeros(1, h, w)
+    labels[0, key[0], key[1]] = 1
+    feats = F.normalize(torch.ones(2, 4, h, w), dim=1)
+    ys, xs = np.mgrid[0:h, 0:w]
+    results = {}
+    cases = [("circle", 5.0), ("circle", 5.0 - 1e-6), ("circle", math.sqrt(32)), ("circle", 0.0),
+             ("square", 3.0), ("square", 3.0 - 1e-6), ("square", 7.5)]
+    for shape, radius in cases:
+        def reach(qy, qx, ky, kx):
+            if shape == "circle":
+                return (qy - ky) ** 2 + (qx - kx) ** 2 <= radius ** 2
+            return np.maximum(abs(qy - ky), abs(qx - kx)) <= radius
+
+        cfg = PropagationConfig(context=0, top_k=h * w, radius=radius, radius_shape=shape, radius_on_first=True)
+        (pred,) = run(feats, labels, cfg)
+        window = np.array([[reach(qy, qx, ys, xs).sum() for qx in range(w)] for qy in range(h)])
+        want = reach(ys, xs, *key) / window
+        np.testing.assert_allclose(pred[0].numpy(), want, atol=1e-6, err_msg=f"{shape} radius {radius}")
+        results[shape, radius] = pred[0]
+
+    def reached(shape, radius, dy, dx):
+        return results[shape, radius][key[0] + dy, key[1] + dx].item() > 0
+
+    assert reached("circle", 5.0, 3, 4) and not reached("circle", 5.0 - 1e-6, 3, 4)  # exactly r: in
+    assert not reached("circle", 5.0, 1, 5)  # sqrt(26), just past r: out
+    assert reached("circle", math.sqrt(32), -4, 4) and not reached("circle", 5.0, -4, 4)
+    assert reached("circle", 0.0, 0, 0) and not reached("circle", 0.0, 0, 1)
+    assert reached("square", 3.0, 3, -3) and not reached("square", 3.0 - 1e-6, 3, -3)
+    assert not reached("square", 3.0, 4, 0) and reached("square", 7.5, -6, 7)
+
+
+def test_features_are_consumed_one_frame_at_a_time():
+    feats = random_features(30, 4, 6, 7)
+    pulled = []
+
+    def stream():
+        for f in feats:
+            pulled.append(1)
+            yield f
+
+    for t, _ in enumerate(propagate_features(stream(), torch.rand(2, 6, 7), preset("crw")), start=1):
+        assert len(pulled) == t + 1  # frame t's prediction needs frames 0..t and nothing beyond
+
+
+def test_memory_stays_flat_at_full_width():
+    """A 1152-wide DAVIS frame at stride 8 (60 x 144 cells), CRW's 20-frame context: the
+    dense affinity of one frame would take 6.3 GB; propagation stays far below it."""
+    code = textwrap.dedent("""
+        import resource, torch
+        import torch.nn.functional as F
+        from timecycle.propagate import preset, propagate_features
+        torch.set_num_threads(1)
+        feats = F.normalize(torch.rand(6, 8, 60, 144), dim=1)
+        cfg = preset("crw")
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = list(propagate_features(feats, torch.rand(3, 60, 144), cfg))
+        assert len(out) == 5 and out[0].shape == (3, 60, 144)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 100, f"grew by {result.stdout.strip()} MiB"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_presets_hold_the_published_protocols():
+    tc, crw, dino, vfs = (PRESETS[n] for n in ("timecycle", "crw", "dino", "vfs"))
+    assert tc.input_size == InputSize("square", 320) and tc.context == 7
+    assert tc.temperature == pytest.approx(512 ** -0.5) and tc.softmax == "frame"
+    assert (tc.top_k, tc.top_k_per_frame, tc.radius, tc.minmax) == (5, True, None, True)
+
+    assert crw.input_size == InputSize("native") and crw.context == 20 and crw.temperature == 0.05
+    assert (crw.top_k, crw.top_k_per_frame, crw.softmax) == (10, False, "kept")
+    assert (crw.radius, crw.radius_shape, crw.radius_on_first) == (12, "circle", False)
+
+    assert dino.input_size == InputSize("short", 480) and dino.context == 7 and dino.temperature == 0.1
+    assert (dino.top_k, dino.top_k_per_frame) == (5, False)
+    assert (dino.radius, dino.radius_shape, dino.radius_on_first) == (12, "square", True)  # 25 x 25
+
+    assert vfs.input_size == InputSize("short", 480) and vfs.context == 20 and vfs.temperature == 0.07
+    assert (vfs.top_k, vfs.top_k_per_frame, vfs.radius) == (10, False, 12)
+    assert preset("vfs", arch="resnet18").radius == 12 and preset("vfs", arch="resnet50").radius == 18
+    assert PropagationConfig() == crw
+
+
+def test_config_checks_and_overrides():
+    assert resolve_config("crw", top_k=5, input_size=("short", 360)).input_size == InputSize("short", 360)
+    assert InputSize("short", 480).resolve(480, 854) == (480, 854)
+    assert InputSize("short", 240).resolve(480, 854) == (240, 427)
+    assert InputSize("square", 320).resolve(480, 854) == (320, 320)
+    with pytest.raises(TypeError, match="topk"):
+        resolve_config("crw", topk=5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("uvc")
+    for bad in ({"radius_shape": "diamond"}, {"softmax": "all"}, {"label_downsample": "cubic"},
+                {"top_k": 0}, {"temperature": 0.0}, {"context": -1}, {"input_size": ("short", None)}):
+        with pytest.raises((ValueError, TypeError)):
+            dataclasses.replace(PRESETS["crw"], **bad)
+
+
+# ----------------------------------------------------------------------------- frames <-> grid
+
+
+def test_geometry_matches_torch_resizing_on_aligned_frames():
+    labels = torch.rand(3, 48, 64)
+    geometry = _Geometry((48, 64), (48, 64), (6, 8), torch.device("cpu"))
+    torch.testing.assert_close(geometry.to_grid(labels, "bilinear"),
+                               F.interpolate(labels[None], size=(6, 8), mode="bilinear")[0])
+    torch.testing.assert_close(geometry.to_grid(labels, "area"), F.avg_pool2d(labels[None], 8)[0])
+    torch.testing.assert_close(geometry.to_grid(labels, "nearest"),
+                               F.interpolate(labels[None], size=(6, 8), mode="nearest-exact")[0])
+    grid = torch.rand(3, 6, 8)
+    torch.testing.assert_close(geometry.to_frame(grid), F.interpolate(grid[None], scale_factor=8, mode="bilinear")[0])
+
+
+def test_geometry_with_a_rounded_up_grid_and_resizing():
+    """854 wide at stride 8 gives 107 cells that reach 2 pixels past the frame; a frame
+    shown to the model at half size maps each cell to 16 frame pixels."""
+    geometry = _Geometry((60, 854), (60, 854), (8, 107), torch.device("cpu"))
+    ramp = torch.arange(854, dtype=torch.float32).expand(1, 60, 854)
+    cells = geometry.to_grid(ramp, "area")[0, 0]
+    assert cells[0] == pytest.approx(3.5) and cells[-1] == pytest.approx((848 + 853) / 2)  # clipped to the frame
+    half = _Geometry((64, 96), (32, 48), (4, 6), torch.device("cpu"))
+    torch.testing.assert_close(half.to_grid(torch.ones(1, 64, 96), "bilinear"), torch.ones(1, 4, 6))
+    up = half.to_frame(torch.arange(6.0).expand(1, 4, 6))[0, 0]
+    assert up[:8].tolist() == [0.0] * 8  # clamped before the first cell's centre
+    assert (up[23] + up[24]).item() / 2 == pytest.approx(1.0)  # cell 1's centre is between pixels 23 and 24
+
+
+def test_mask_helpers():
+    mask = np.array([[0, 3], [7, 3]], np.uint8)
+    channels, ids = one_hot(mask)
+    assert ids.tolist() == [0, 3, 7] and channels.shape == (3, 2, 2) and channels.dtype == np.float32
+    np.testing.assert_array_equal(to_mask(channels, ids), mask)
+    np.testing.assert_array_equal(to_mask(torch.from_numpy(channels)), [[0, 1], [2, 1]])
+    assert one_hot(np.ones((2, 2), bool))[1].tolist() == [0, 1]
+
+
+def test_points_from_heatmaps():
+    maps = np.zeros((2, 20, 30), np.float32)
+    maps[0, 5, 10] = maps[0, 5, 12] = 1.0  # a flat peak between x = 10 and 12
+    maps[1, 15, 3] = 2.0
+    maps[1, 16, 3] = 1.0
+    np.testing.assert_allclose(to_points(maps, top_k=2), [[11, 5], [3, 15 + 1 / 3]])
+
+
+# ----------------------------------------------------------------------------- the public entry point
+
+
+def position_model(stride: int = 8):
+    """A model whose features are one-hot cell positions: on a still video every cell matches only itself."""
+    def model(x: torch.Tensor) -> torch.Tensor:
+        h, w = -(-x.shape[2] // stride), -(-x.shape[3] // stride)
+        return position_features(x.shape[0], h, w).clone()
+    return model
+
+
+def still_video(frames: int = 5, h: int = 32, w: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.repeat(rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8), frames, axis=0)
+
+
+@pytest.mark.parametrize("input_size", ["native", ("square", 64)])
+def test_masks_come_back_unchanged_on_a_still_video(input_size):
+    """Bands whose edges fall on cell edges survive the grid exactly; a corner would
+    not, as bilinear upsampling rounds it."""
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24] = 2
+    mask[:8] = 5
+    out = list(propagate(still_video(), mask, position_model(), "crw", progress=False, input_size=input_size))
+    assert len(out) == 5
+    for pred in out:
+        assert pred.dtype == np.uint8
+        np.testing.assert_array_equal(pred, mask)
+
+
+def test_soft_labels_come_back_as_soft_labels():
+    labels = np.zeros((2, 32, 48), np.float32)
+    labels[0, :16] = 1
+    labels[1] = np.linspace(0, 1, 48)
+    out = list(propagate(still_video(3), labels, position_model(), "crw", progress=False))
+    assert all(p.shape == (2, 32, 48) and p.dtype == np.float32 for p in out)
+    np.testing.assert_array_equal(out[0], labels)
+    # On a still video propagation is the identity on the grid: what comes back is the
+    # labels brought to the grid and upsampled.
+    geometry = _Geometry((32, 48), (32, 48), (4, 6), torch.device("cpu"))
+    expected = geometry.to_frame(geometry.to_grid(torch.from_numpy(labels), "bilinear")).numpy()
+    for pred in out[1:]:
+        np.testing.assert_allclose(pred, expected, atol=1e-6)
+
+
+def test_an_encoder_on_a_frame_folder(tmp_path):
+    frames = still_video(3, 40, 56)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{i:05d}.png")
+    encoder = Encoder("resnet18", dim=16).eval()
+    mask = np.zeros((40, 56), np.uint8)
+    mask[10:30, 20:40] = 1
+    out = list(propagate(folder, mask, encoder, "vfs", progress=False))
+    assert len(out) == 3 and all(p.shape == (40, 56) and p.dtype == np.uint8 for p in out)
+    assert set(np.unique(out[2])) <= {0, 1}
+
+
+def test_a_model_in_training_mode_is_flagged():
+    with pytest.warns(UserWarning, match="training mode"):
+        propagate(still_video(2), np.ones((32, 48), np.uint8), Encoder("resnet18", dim=8), progress=False)
+
+
+def test_errors_name_the_problem(tmp_path):
+    video, model = still_video(2), position_model()
+    with pytest.raises(ValueError, match=r"16x48.*32x48"):
+        propagate(video, np.ones((16, 48), np.uint8), model)
+    with pytest.raises(ValueError, match="empty"):
+        propagate(video, np.zeros((32, 48), np.uint8), model)
+    with pytest.raises(ValueError, match="all zero"):
+        propagate(video, np.zeros((2, 32, 48), np.float32), model)
+    with pytest.raises(ValueError, match="integer"):
+        propagate(video, np.ones((32, 48), np.float32), model)
+    with pytest.raises(ValueError, match="uint8"):
+        propagate(video.astype(np.float32), np.ones((32, 48), np.uint8), model)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    with pytest.raises(VideoError, match="broken.mp4"):
+        propagate(broken, np.ones((32, 48), np.uint8), model)
+    with pytest.raises(VideoError, match="no such file"):
+        propagate(tmp_path / "missing.mp4", np.ones((32, 48), np.uint8), model)
