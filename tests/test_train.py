@@ -16,7 +16,8 @@ import torch
 
 from timecycle.config import PRESETS, SampleConfig, TrainConfig, load_train_config, preset, to_dict
 from timecycle.data.synthetic import SyntheticConfig, generate_set, write_videos
-from timecycle.train import LAST, EpochSampler, build_model, load_checkpoint, save_checkpoint, train
+from timecycle.model.checkpoints import load_checkpoint
+from timecycle.train import LAST, EpochSampler, Progress, build_model, save_training_state, train
 from timecycle.viz import TRUE_COLOUR, cycle_figure, theta_corners
 
 
@@ -64,10 +65,8 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path, monkeypatch):
     cfg = tiny_config()
     model = build_model(cfg)
     optimizer = torch.optim.Adam(model.parameters())
-    from timecycle.train import Progress
-
     path = tmp_path / LAST
-    save_checkpoint(path, model, optimizer, cfg, Progress(step=7))
+    save_training_state(path, model, optimizer, cfg, Progress(step=7))
     payload = load_checkpoint(path)
     assert payload["progress"]["step"] == 7 and payload["config"] == to_dict(cfg)
     assert list(tmp_path.iterdir()) == [path]
@@ -78,7 +77,7 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, model, optimizer, cfg, Progress(step=8))
+        save_training_state(path, model, optimizer, cfg, Progress(step=8))
     assert load_checkpoint(path)["progress"]["step"] == 7  # the previous one is whole
 
 

@@ -8,6 +8,7 @@ from timecycle.video import VideoError, VideoIndex, VideoInfo, open_video, probe
 
 __version__ = "0.1.0"
 
-from timecycle.propagate import propagate  # noqa: E402  (after __version__, which the CLI reads)
+from timecycle.model.checkpoints import load_model  # noqa: E402  (after __version__, which they read)
+from timecycle.propagate import propagate  # noqa: E402
 
-__all__ = ["VideoError", "VideoIndex", "VideoInfo", "__version__", "open_video", "probe", "propagate"]
+__all__ = ["VideoError", "VideoIndex", "VideoInfo", "__version__", "load_model", "open_video", "probe", "propagate"]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 NOT_BUILT = {
-    "propagate": "label propagation (the propagation issue)",
     "evaluate": "the DAVIS / JHMDB / VIP / flow suites (the evaluation issue)",
     "demo": "the offline demo (the demo issue)",
 }
@@ -59,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU of this process if any)")
 
+    prop = sub.add_parser("propagate", help="carry a first-frame mask or points through a video")
+    prop.add_argument("--video", type=Path, required=True, help="a video file or frame folder")
+    what = prop.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mask", type=Path, help="first-frame mask: palette PNG of object ids, or 0/255 grey PNG")
+    what.add_argument("--points", type=Path, help="JSON list of [x, y] points on the first frame")
+    prop.add_argument("--checkpoint", default="random-resnet18",
+                      help="a timecycle checkpoint, or a baseline: random-resnet18, random-resnet50, "
+                           "imagenet-resnet18, imagenet-resnet50 (downloads), pixels")
+    prop.add_argument("--out", type=Path, required=True, help="folder for masks/ or points.json, and overlay.mp4")
+    prop.add_argument("--preset", default="crw", help="propagation protocol: timecycle, crw, dino, vfs")
+    prop.add_argument("--no-overlay", action="store_true", help="skip the overlay video")
+    prop.add_argument("--device", default="cpu")
+
     for name, what in NOT_BUILT.items():
         sub.add_parser(name, help=f"{what}: not built yet", add_help=False)
     return parser
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return _synth(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "propagate":
+        return _propagate(args)
 
     from timecycle.info import describe_environment, describe_index, describe_video
     from timecycle.video import VideoError
@@ -113,6 +127,26 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["losses"].items())
     print(f"trained {summary['steps']} steps ({losses}); checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _propagate(args: argparse.Namespace) -> int:
+    from timecycle import load_model
+    from timecycle.track import read_points, track_mask, track_points
+    from timecycle.video import VideoError
+
+    try:
+        model = load_model(args.checkpoint, device=args.device)
+        if args.mask is not None:
+            summary = track_mask(args.video, args.mask, model, args.out, args.preset, overlay=not args.no_overlay,
+                                 device=args.device)
+        else:
+            summary = track_points(args.video, read_points(args.points), model, args.out, args.preset,
+                                   overlay=not args.no_overlay, device=args.device)
+    except (VideoError, ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{k}: {v}" for k, v in summary.items() if v is not None))
     return 0
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from timecycle.model.encoder import Encoder, l2_normalize, normalize_frames
+from timecycle.model.encoder import Encoder, EncoderFeatures, l2_normalize
 from timecycle.video import Video, open_video, resized_size
 
 FeatureModel = Callable[[Tensor], Tensor]  # (B, 3, H, W) RGB in [0, 1] -> (B, C, h, w)
@@ -445,23 +445,6 @@ def _downsample_weights(cell: float, pixels: int, cells: int, mode: str) -> Tens
 
 
 # ----------------------------------------------------------------------------- public API
-
-
-class EncoderFeatures:
-    """An :class:`Encoder` as a propagation model: RGB in [0, 1] -> features, normalising
-    inside, since propagation hands every model plain RGB."""
-
-    def __init__(self, encoder: Encoder, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None) -> None:
-        self.encoder = encoder
-        self.stats = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
-
-    @property
-    def arch(self) -> str:
-        return self.encoder.arch
-
-    def __call__(self, frames: Tensor) -> Tensor:
-        return self.encoder(normalize_frames(frames, **self.stats))
 
 
 def one_hot(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

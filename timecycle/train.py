@@ -25,15 +25,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from timecycle.config import TrainConfig, config_from_dict, to_dict
+from timecycle.config import TrainConfig, to_dict
 from timecycle.data.sampling import TimeCycleDataset
+from timecycle.model.checkpoints import load_checkpoint, save_checkpoint
 from timecycle.model.cycle import TimeCycle
 from timecycle.model.encoder import normalize_frames
 from timecycle.video import VideoIndex
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "timecycle"
 LAST = "checkpoint_last.pt"
 LOSSES = ("total", "long", "skip", "sim")
 
@@ -116,38 +116,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: TimeCycle, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig, progress: Progress) -> None:
-    """Write atomically: a temporary file beside the target, then a rename."""
-    from timecycle import __version__
-
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": __version__,
+def save_training_state(path: Path, model: TimeCycle, optimizer: torch.optim.Optimizer,
+                        cfg: TrainConfig, progress: Progress) -> None:
+    save_checkpoint(path, {
         "config": to_dict(cfg),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "progress": vars(progress),
         "rng": _rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Our own checkpoint, loaded without unpickling arbitrary objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable timecycle checkpoint ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a timecycle training checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
-    return payload
+    })
 
 
 def build_model(cfg: TrainConfig) -> TimeCycle:
@@ -288,9 +265,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
         out_of_time = cfg.minutes is not None and progress.seconds >= cfg.minutes * 60
         stop = progress.step >= total_steps or out_of_time
         if rank == 0 and (end_of_epoch or stop or progress.step % cfg.checkpoint_every == 0):
-            save_checkpoint(out / LAST, model, optimizer, cfg, progress)
+            save_training_state(out / LAST, model, optimizer, cfg, progress)
             if end_of_epoch and cfg.keep_epoch_checkpoints:
-                save_checkpoint(out / f"checkpoint_epoch{progress.epoch:03d}.pt", model, optimizer, cfg, progress)
+                save_training_state(out / f"checkpoint_epoch{progress.epoch:03d}.pt", model, optimizer, cfg,
+                                    progress)
         if stop:
             break
     bar.close()
@@ -322,7 +300,3 @@ def _weights_agree(model: torch.nn.Module) -> bool:
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     return bool(torch.equal(lo, hi))
-
-
-def trained_config(checkpoint: dict) -> TrainConfig:
-    return config_from_dict(checkpoint["config"])

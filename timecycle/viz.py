@@ -54,3 +54,30 @@ def cycle_figure(clip: torch.Tensor, target: torch.Tensor, cycle_thetas: torch.T
     for i, im in enumerate(frames):
         canvas.paste(im, (i * (width + gap), 0))
     return np.asarray(canvas)
+
+
+def overlay_mask(frame: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Objects tinted in their DAVIS palette colours over a (H, W, 3) uint8 frame; the
+    background is left as it is, so what the mask covers is what changes."""
+    from timecycle.data.datasets import davis_palette
+
+    colours = davis_palette()[mask]  # (H, W, 3)
+    out = frame.astype(np.float32)
+    on = mask > 0
+    out[on] = (1 - alpha) * out[on] + alpha * colours[on]
+    return out.round().astype(np.uint8)
+
+
+def draw_points(frame: np.ndarray, points: np.ndarray, visible: np.ndarray, radius: int = 4) -> np.ndarray:
+    """Tracked points as dots, each in its own palette colour; hollow where the track
+    is estimated to be hidden."""
+    from timecycle.data.datasets import davis_palette
+
+    image = Image.fromarray(frame)
+    draw = ImageDraw.Draw(image)
+    palette = davis_palette()
+    for j, ((x, y), seen) in enumerate(zip(points, visible)):
+        colour = tuple(int(c) for c in palette[1 + j % 20])
+        box = (x - radius, y - radius, x + radius, y + radius)
+        draw.ellipse(box, fill=colour if seen else None, outline=colour, width=2)
+    return np.asarray(image)

@@ -44,6 +44,24 @@ def save_indexed_png(path: str | Path, labels: np.ndarray) -> None:
     image.save(path)
 
 
+def read_mask(path: str | Path) -> np.ndarray:
+    """Object ids (H, W) uint8 from an annotation PNG of either DAVIS convention: a
+    palette PNG whose values are ids (2017), or a grey PNG of 0 and 255 for one object
+    (2016), read as 0 and 1."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            labels = np.asarray(image if mode in ("P", "L") else image.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable mask image ({exc})") from None
+    if mode not in ("P", "L"):
+        raise ValueError(f"{path}: a mask must be a palette or grey PNG of object ids, not mode {mode}")
+    if mode == "L" and set(np.unique(labels).tolist()) <= {0, 255}:
+        return (labels == 255).astype(np.uint8)
+    return labels.astype(np.uint8)
+
+
 def write_flo(path: str | Path, flow: np.ndarray) -> None:
     """Write forward flow (H, W, 2) (u along x, v along y, in pixels) as Middlebury .flo."""
     flow = np.asarray(flow)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from timecycle.data.datasets import save_indexed_png, write_flo
+from timecycle.video import write_video
 
 
 @dataclass
@@ -387,29 +387,9 @@ def write_videos(clips: Iterable[SyntheticClip], folder: str | Path, format: str
                 Image.fromarray(frame).save(path / f"{t:05d}.png")
         else:
             path = folder / f"{clip.name}.mp4"
-            _write_mp4(path, clip.frames, clip.fps)
+            write_video(path, clip.frames, clip.fps)
         paths.append(path)
     return paths
-
-
-def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
-    import av
-
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        raise ValueError(f"{path}: mp4 needs even frame sizes for yuv420p, got {width}x{height}")
-    h264 = "libx264" in av.codecs_available
-    with av.open(str(path), mode="w") as container:
-        rate = Fraction(fps).limit_denominator(1001)
-        stream = container.add_stream("libx264" if h264 else "mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if h264:
-            stream.options = {"crf": "16"}
-        else:
-            stream.bit_rate = 8 * width * height * math.ceil(fps)  # 8 bits a pixel: close to lossless
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
 
 
 __all__ = [

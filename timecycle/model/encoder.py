@@ -113,3 +113,20 @@ class Encoder(nn.Module):
 
 def build_encoder(cfg: EncoderConfig) -> Encoder:
     return Encoder(cfg.arch, cfg.dim, cfg.weights, cfg.padding_mode)
+
+
+class EncoderFeatures:
+    """An :class:`Encoder` as a propagation model: RGB in [0, 1] -> features, normalising
+    inside, since propagation hands every model plain RGB."""
+
+    def __init__(self, encoder: Encoder, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> None:
+        self.encoder = encoder
+        self.stats = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+
+    @property
+    def arch(self) -> str:
+        return self.encoder.arch
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        return self.encoder(normalize_frames(frames, **self.stats))
