@@ -60,7 +60,8 @@ def write_index_video(path: Path, n: int, fps: int = 30, gop: int = 10, codec: s
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.width, stream.height = 64, 48
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
         stream.codec_context.gop_size = gop
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")

@@ -41,6 +41,15 @@ def test_random_access_seeks_to_the_right_frame(tmp_path):
         assert [frame_index(f) for f in frames] == indices
 
 
+@pytest.mark.parametrize("name,codec", [("v.webm", "libvpx"), ("v.mkv", "libx264"), ("v.avi", "mpeg4"),
+                                        ("v.gif", "gif")])
+def test_every_container_reads_the_same_way(tmp_path, name, codec):
+    video = open_video(write_index_video(tmp_path / name, 24, fps=12, gop=6, codec=codec))
+    assert len(video) == 24 and video.info.fps == pytest.approx(12, rel=0.01)
+    assert [frame_index(f) for f in video.read([19, 2, 11])] == [19, 2, 11]
+    assert [frame_index(f) for f in video] == list(range(24))
+
+
 def test_window_and_out_of_range(tmp_path):
     video = open_video(write_index_video(tmp_path / "v.mp4", 20))
     assert [frame_index(f) for f in video.read_window(4, 5, step=3)] == [4, 7, 10, 13, 16]
