@@ -27,10 +27,10 @@ from timecycle.model import (
 )
 
 
-def small_model(similarity: str = "inlier") -> TimeCycle:
+def small_model(similarity: str = "inlier", query: str = "patch") -> TimeCycle:
     """ResNet-18 on 72-px frames and 24-px patches: 9x9 and 3x3 grids, hence a 2x2 localiser kernel."""
     cfg = ModelConfig(
-        EncoderConfig("resnet18", dim=32), TrackerConfig(kernel=2), LossConfig(similarity=similarity)
+        EncoderConfig("resnet18", dim=32), TrackerConfig(kernel=2), LossConfig(similarity=similarity), query=query
     )
     return TimeCycle(cfg, frame_size=72, patch_size=24)
 
@@ -240,10 +240,11 @@ def test_long_cycle_frames():
 # The whole model
 
 
-@pytest.mark.parametrize("similarity", ["inlier", "feature"])
-def test_total_loss_reaches_encoder_and_localiser(similarity):
+@pytest.mark.parametrize("similarity,query", [("inlier", "patch"), ("feature", "patch"),
+                                              ("inlier", "target"), ("inlier", "target-rolled")])
+def test_total_loss_reaches_encoder_and_localiser(similarity, query):
     torch.manual_seed(0)
-    model = small_model(similarity)
+    model = small_model(similarity, query)
     b, t = 2, 3
     clip, target, patch = torch.randn(b, t, 3, 72, 72), torch.randn(b, 3, 72, 72), torch.randn(b, 3, 24, 24)
     out = model(clip, target, patch, centred_theta(b, 1 / 3, 0.2))
@@ -275,6 +276,46 @@ def test_losses_compare_where_the_cycles_end_with_the_true_theta():
 def test_unknown_similarity_is_rejected():
     with pytest.raises(ValueError, match="similarity"):
         TimeCycle(ModelConfig(EncoderConfig("resnet18"), loss=LossConfig(similarity="l2")), 72, 24)
+    with pytest.raises(ValueError, match="query"):
+        TimeCycle(ModelConfig(EncoderConfig("resnet18"), query="crop"), 72, 24)
+
+
+class PoolEncoder(torch.nn.Module):
+    """A stand-in encoder that commutes exactly with circular shifts by whole cells."""
+
+    stride = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.stride).relu() + 0.1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("query", ["target", "target-rolled"])
+def test_target_queries_are_the_target_features_where_theta_cut_the_patch(query):
+    """'target' samples the target's own features under the true theta (the patch image is
+    not used); 'target-rolled' encodes the target again under a random circular shift by
+    whole cells and shifts the features back, which for a shift-equivariant encoder is
+    the same thing."""
+    model = small_model(query=query)
+    model.encoder = PoolEncoder()
+    target = torch.rand(2, 3, 72, 72)
+    theta = centred_theta(2, 1 / 3, 2 / 9, -4 / 9)  # whole cells: an exact 3x3 crop
+    query_feats = model.query_features(torch.rand(2, 3, 24, 24), target, model.encoder(target), theta)
+    expected = l2_normalize(model.encoder(target))[:, :, 1:4, 4:7]
+    assert torch.allclose(query_feats, expected, atol=1e-6)
+
+
+def test_rolled_query_encodes_the_target_again_under_a_shift():
+    model = small_model(query="target-rolled").eval()
+    target = torch.rand(1, 3, 72, 72)
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0]))
+    with torch.no_grad():
+        model.query_features(None, target, model.encoder(target), centred_theta(1, 1 / 3))
+    shifted = calls[-1]
+    assert not torch.equal(shifted, target)
+    assert any(torch.equal(shifted, torch.roll(target, (dy, dx), (-2, -1)))
+               for dy in range(8, 72, 8) for dx in range(8, 72, 8))
 
 
 @torch.no_grad()

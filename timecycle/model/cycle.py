@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from timecycle.config import ALIGN_CORNERS, ModelConfig
 from timecycle.model.encoder import build_encoder, feature_size, l2_normalize
-from timecycle.model.tracker import Tracker
+from timecycle.model.tracker import Tracker, sample_patch
 
 SIMILARITIES = ("inlier", "feature")
+QUERIES = ("patch", "target", "target-rolled")
 
 
 def tracking_distance(theta: Tensor, theta_true: Tensor, points: int = 20) -> Tensor:
@@ -86,10 +87,46 @@ class TimeCycle(nn.Module):
         cfg = cfg or ModelConfig()
         if cfg.loss.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {cfg.loss.similarity!r}; known: {', '.join(SIMILARITIES)}")
+        if cfg.query not in QUERIES:
+            raise ValueError(f"unknown query {cfg.query!r}; known: {', '.join(QUERIES)}")
         self.loss_cfg = cfg.loss
+        self.query = cfg.query
+        self.patch_grid = (feature_size(patch_size),) * 2
+        if cfg.query == "target-rolled":
+            # Training batches seen: seeds each batch's shift, and travels in the state dict,
+            # so that a resumed run draws the shifts an uninterrupted one would have.
+            self.register_buffer("rolls", torch.zeros((), dtype=torch.int64))
         self.encoder = build_encoder(cfg.encoder)
         g, p = feature_size(frame_size), feature_size(patch_size)
         self.tracker = Tracker((g, g), (p, p), patch_size / frame_size, cfg.tracker)
+
+    def query_features(self, patch: Tensor, target: Tensor, target_feats: Tensor, theta_true: Tensor) -> Tensor:
+        """The query of the first hop, (B, C, h, w) unit length per cell, as ``cfg.query`` says.
+
+        'patch' (the release): the patch image (B, 3, P, P) encoded on its own. A small
+        patch is then mostly the encoder's padding: its cells resemble the target's
+        features where it was cut hardly more than anywhere else, so the first hop's
+        affinity, and with it the localiser's input, carries no information at the start.
+        'target': the target's features ``target_feats`` (B, C, H, W), sampled under
+        theta_true (the same bilinear sampling as a tracked patch). The query then also
+        carries the target's absolute position, which a cycle could follow instead of
+        the content ("stay still" comes home too). 'target-rolled': the same, from the
+        target encoded again after a circular shift by a random whole number of cells
+        (one per batch, drawn from the count of training batches seen) and shifted back,
+        so that the query matches the target in content but not in position.
+        """
+        if self.query == "patch":
+            return l2_normalize(self.encoder(patch))
+        if self.query == "target-rolled":
+            s = self.encoder.stride
+            h, w = target_feats.shape[-2:]
+            g = torch.Generator().manual_seed(int(self.rolls))
+            if self.training:
+                self.rolls += 1
+            dy, dx = int(torch.randint(1, h, (), generator=g)), int(torch.randint(1, w, (), generator=g))
+            rolled = self.encoder(torch.roll(target, (dy * s, dx * s), (-2, -1)))
+            target_feats = torch.roll(rolled, (-dy, -dx), (-2, -1))
+        return l2_normalize(sample_patch(target_feats, theta_true, self.patch_grid))
 
     def forward(self, clip: Tensor, target: Tensor, patch: Tensor, theta_true: Tensor) -> dict[str, Tensor]:
         """Losses of one batch.
@@ -105,7 +142,7 @@ class TimeCycle(nn.Module):
         frames = torch.cat([clip, target[:, None]], 1).flatten(0, 1)  # (B*(T+1), 3, S, S)
         feats = self.encoder(frames).unflatten(0, (b, t + 1))  # (B, T+1, C, H, W); index T: target
         units = l2_normalize(feats, dim=2)
-        query = l2_normalize(self.encoder(patch))  # (B, C, h, w)
+        query = self.query_features(patch, target, feats[:, t], theta_true)  # (B, C, h, w)
 
         def each(x: Tensor) -> Tensor:
             """(B, ...) -> (B*T, ...), one copy per clip frame."""
