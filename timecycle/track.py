@@ -6,13 +6,15 @@ thin shell around these two functions.
 from __future__ import annotations
 
 import json
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from timecycle.data.datasets import read_mask, save_indexed_png
 from timecycle.propagate import propagate, to_points
-from timecycle.video import open_video, write_video
+from timecycle.video import Video, probe, write_video
 from timecycle.viz import draw_points, overlay_mask
 
 # A point's label is a Gaussian of this many pixels at the input's resolution: half a
@@ -24,26 +26,49 @@ POINT_SIGMA = 4.0
 VISIBLE_SHARE = 0.5
 
 
+class _KeptFrames(Video):
+    """A video that keeps each frame it decodes until taken: propagation reads the
+    frames (a batch ahead of its predictions), and the overlay takes them back in
+    order, so the video is decoded once and only a batch of frames is ever held."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(probe(path))
+        self.kept: deque[np.ndarray] = deque()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for frame in super().__iter__():
+            self.kept.append(frame)
+            yield frame
+
+
+def _write_streaming(out: Path, overlay: bool, results: Iterator[np.ndarray], fps: float) -> None:
+    """Drain ``results`` (overlay frames, produced while other outputs are written), into
+    out/overlay.mp4 when ``overlay``, else just for their side effects."""
+    if overlay:
+        write_video(out / "overlay.mp4", results, fps)
+    else:
+        deque(results, maxlen=0)
+
+
 def track_mask(video: str | Path, mask: str | Path | np.ndarray, model, out: str | Path,
                preset: str = "crw", overlay: bool = True, device: str = "cpu", **overrides) -> dict:
     """Write out/masks/00000.png ... (palette PNGs of object ids) and, with ``overlay``,
-    out/overlay.mp4; return a summary."""
+    out/overlay.mp4, each frame as soon as it is predicted; return a summary."""
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     first = read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)
-    # The overlay reads its own copy of the frames: a second decoder costs little next
-    # to propagation, and the first one belongs to propagate().
-    with open_video(video) as frames:
-        overlays = []
-        predictions = propagate(video, first, model, preset, device=device, **overrides)
-        for t, (predicted, frame) in enumerate(zip(predictions, frames)):
+    count = 0
+
+    def overlays() -> Iterator[np.ndarray]:
+        nonlocal count
+        for t, predicted in enumerate(propagate(frames, first, model, preset, device=device, **overrides)):
             save_indexed_png(out / "masks" / f"{t:05d}.png", predicted.astype(np.uint8))
-            if overlay:
-                overlays.append(overlay_mask(frame, predicted))
-        fps = frames.fps
-    if overlay:
-        write_video(out / "overlay.mp4", _even(overlays), fps)
-    return {"frames": t + 1, "objects": int(np.count_nonzero(np.unique(first))), "masks": str(out / "masks"),
+            count = t + 1
+            yield _even(overlay_mask(frames.kept.popleft(), predicted))
+
+    with _KeptFrames(video) as frames:
+        _write_streaming(out, overlay, overlays(), frames.fps)
+    return {"frames": count, "objects": int(np.count_nonzero(np.unique(first))), "masks": str(out / "masks"),
             "overlay": str(out / "overlay.mp4") if overlay else None}
 
 
@@ -76,15 +101,11 @@ def track_points(video: str | Path, points: np.ndarray, model, out: str | Path, 
     its score (heatmap peak over frame 1's); with ``overlay``, out/overlay.mp4."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with open_video(video) as frames:
-        width, height = frames.size
-        bad = [p for p in points if not (0 <= p[0] < width and 0 <= p[1] < height)]
-        if bad:
-            raise ValueError(f"point {tuple(bad[0])} lies outside the {width}x{height} first frame")
-        labels = point_heatmaps(points, height, width)
-        tracks, overlays = [], []
-        predictions = propagate(video, labels, model, preset, device=device, **overrides)
-        for t, (heat, frame) in enumerate(zip(predictions, frames)):
+    tracks: list[dict] = []
+
+    def overlays() -> Iterator[np.ndarray]:
+        reference = None
+        for t, heat in enumerate(propagate(frames, labels, model, preset, device=device, **overrides)):
             maps = heat[:-1]  # (N, H, W): the background channel is only there to absorb
             peak = maps.reshape(len(maps), -1).max(1)
             if t == 1:  # the first frame to come through the stride-8 grid, like every later one
@@ -95,17 +116,21 @@ def track_points(video: str | Path, points: np.ndarray, model, out: str | Path, 
             tracks.append({"frame": t, "points": [
                 {"x": float(x), "y": float(y), "visible": bool(v), "score": float(s)}
                 for (x, y), v, s in zip(xy, visible, score)]})
-            if overlay:
-                overlays.append(draw_points(frame, xy, visible))
-        fps = frames.fps
+            yield _even(draw_points(frames.kept.popleft(), xy, visible))
+
+    with _KeptFrames(video) as frames:
+        width, height = frames.size
+        bad = [p for p in points if not (0 <= p[0] < width and 0 <= p[1] < height)]
+        if bad:
+            raise ValueError(f"point {tuple(bad[0])} lies outside the {width}x{height} first frame")
+        labels = point_heatmaps(points, height, width)
+        _write_streaming(out, overlay, overlays(), frames.fps)
     (out / "points.json").write_text(json.dumps({"video": str(video), "tracks": tracks}, indent=1))
-    if overlay:
-        write_video(out / "overlay.mp4", _even(overlays), fps)
     return {"frames": len(tracks), "points": len(points), "tracks": str(out / "points.json"),
             "overlay": str(out / "overlay.mp4") if overlay else None}
 
 
-def _even(frames: list[np.ndarray]) -> list[np.ndarray]:
+def _even(frame: np.ndarray) -> np.ndarray:
     """Crop a pixel off odd sides: mp4's 4:2:0 colour needs even sizes."""
-    height, width = frames[0].shape[:2]
-    return [f[: height - height % 2, : width - width % 2] for f in frames]
+    height, width = frame.shape[:2]
+    return frame[: height - height % 2, : width - width % 2]

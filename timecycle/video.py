@@ -15,6 +15,7 @@ and skipped; it never stops a scan.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -344,14 +345,19 @@ class Video:
         return got
 
 
-def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps: float) -> Path:
-    """Write (T, H, W, 3) uint8 RGB frames as an mp4: H.264 where this PyAV build has it
-    (near-lossless, crf 16), else MPEG-4 part 2 at about 8 bits a pixel. Both need even
-    sizes (4:2:0 colour)."""
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> Path:
+    """Write (H, W, 3) uint8 RGB frames, from any iterable (frames are encoded as they
+    come, so a long video never sits in memory), as an mp4: H.264 where this PyAV build
+    has it (near-lossless, crf 16), else MPEG-4 part 2 at about 8 bits a pixel. Both need
+    even sizes (4:2:0 colour)."""
     from fractions import Fraction
 
     path = Path(path)
-    height, width = np.asarray(frames[0]).shape[:2]
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to write")
+    height, width = np.asarray(first).shape[:2]
     if height % 2 or width % 2:
         raise ValueError(f"{path}: mp4 needs even frame sizes for yuv420p, got {width}x{height}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +369,7 @@ def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps
             stream.options = {"crf": "16"}
         else:
             stream.bit_rate = 8 * width * height * math.ceil(fps)
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
     return path
