@@ -53,8 +53,12 @@ def test_load_model_baselines_and_errors():
     model = load_model("random-resnet18")
     assert isinstance(model, EncoderFeatures) and not model.encoder.training
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 256, 8, 8)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     again = load_model("random-resnet18")
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), again.encoder.parameters()))
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is left alone
     assert isinstance(load_model("pixels"), LabPixels)
     with pytest.raises(FileNotFoundError, match="not a baseline name"):
         load_model("no-such-model.pt")

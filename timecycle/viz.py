@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from timecycle.data.datasets import davis_palette
 from timecycle.model.cycle import long_cycle_frames
 
 TRUE_COLOUR = (40, 220, 40)  # where the patch was cut
@@ -59,8 +60,6 @@ def cycle_figure(clip: torch.Tensor, target: torch.Tensor, cycle_thetas: torch.T
 def overlay_mask(frame: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Objects tinted in their DAVIS palette colours over a (H, W, 3) uint8 frame; the
     background is left as it is, so what the mask covers is what changes."""
-    from timecycle.data.datasets import davis_palette
-
     colours = davis_palette()[mask]  # (H, W, 3)
     out = frame.astype(np.float32)
     on = mask > 0
@@ -71,8 +70,6 @@ def overlay_mask(frame: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.
 def draw_points(frame: np.ndarray, points: np.ndarray, visible: np.ndarray, radius: int = 4) -> np.ndarray:
     """Tracked points as dots, each in its own palette colour; hollow where the track
     is estimated to be hidden."""
-    from timecycle.data.datasets import davis_palette
-
     image = Image.fromarray(frame)
     draw = ImageDraw.Draw(image)
     palette = davis_palette()

@@ -39,8 +39,9 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu"):
         if BASELINES[name] is None:
             return LabPixels().eval().to(device)
         arch, weights = BASELINES[name]
-        torch.manual_seed(0)  # the same "random" network every time
-        encoder = Encoder(arch, dim=None, weights=weights)
+        with torch.random.fork_rng():  # the same "random" network every time, the caller's seed untouched
+            torch.manual_seed(0)
+            encoder = Encoder(arch, dim=None, weights=weights)
     else:
         path = Path(path_or_name)
         if not path.exists():
