@@ -91,6 +91,33 @@ def test_wrong_checkpoint_is_refused_with_its_name(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
+def test_init_starts_a_new_run_from_another_checkpoints_weights(videos, tmp_path):
+    """--init fine-tunes: the weights come from the file, the step count starts at 0, and a
+    file whose encoder does not fit the config is refused with the reason."""
+    from timecycle.train import _init_weights
+
+    cfg = tiny_config()
+    train(dataclasses.replace(cfg, max_steps=2), videos, tmp_path / "a", progress_bar=False)
+    source = load_checkpoint(tmp_path / "a" / LAST)["model"]
+    torch.manual_seed(123)
+    model = build_model(cfg)
+    assert not torch.equal(model.state_dict()["encoder.conv1.weight"], source["encoder.conv1.weight"])
+    _init_weights(model, tmp_path / "a" / LAST)
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items() if k != "rolls")
+
+    run = train(dataclasses.replace(cfg, max_steps=1), videos, tmp_path / "b", init=tmp_path / "a" / LAST,
+                progress_bar=False)
+    assert run["steps"] == 1
+    with pytest.raises(ValueError, match="either resume"):
+        train(cfg, videos, tmp_path / "c", init=tmp_path / "a" / LAST, resume=tmp_path / "a" / LAST)
+
+    import torchvision
+
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match=r"r50\.pth: its weights do not fit"):
+        _init_weights(build_model(cfg), tmp_path / "r50.pth")
+
+
 def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(videos, tmp_path):
     """Step 4 falls in the second epoch (2 steps an epoch), so the resumed run must
     restore the weights, Adam's moments, the epoch and the position in its order."""

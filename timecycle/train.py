@@ -141,9 +141,30 @@ def _index(data: str | Path, rank: int, world: int) -> VideoIndex:
     return index
 
 
+def _init_weights(model: TimeCycle, path: str | Path) -> None:
+    from timecycle.model.checkpoints import load_timecycle
+
+    source = load_timecycle(path).state_dict()
+    own = model.state_dict()
+    misfit = [k for k, v in source.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in source and k != "rolls"]  # rolls: a counter, not a weight
+    if misfit or missing:
+        raise ValueError(f"{path}: its weights do not fit the model this config builds "
+                         f"(shape differs: {misfit[:3]}, missing: {missing[:3]}); "
+                         "pick a config with the checkpoint's encoder")
+    model.load_state_dict({k: v for k, v in source.items() if k in own}, strict=False)
+    log.info("starting from the weights of %s", path)
+
+
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Path | None = None,
-          device: str | None = None, progress_bar: bool = True) -> dict:
+          device: str | None = None, progress_bar: bool = True, init: str | Path | None = None) -> dict:
     """Train on every video under ``data``; write checkpoints and logs to ``out``.
+
+    ``resume`` continues one of our training checkpoints exactly (optimiser, step,
+    sampler position, random states). ``init`` starts a new run (step 0, fresh optimiser)
+    from the weights of any checkpoint :func:`~timecycle.model.checkpoints.load_timecycle`
+    reads: ours, the TimeCycle release, CRW's or torchvision's (encoder only; the tracker
+    then starts from its initialisation), to fine-tune what others trained.
 
     Returns a summary (steps, last losses, skipped videos, ...), also written to
     ``out/summary.json`` by rank 0.
@@ -157,6 +178,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # plain "cuda": this process's GPU, which DDP needs by index
+            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
@@ -179,6 +202,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
     progress = Progress()
+    if init is not None and resume is not None:
+        raise ValueError("give either resume (continue a run) or init (start from weights), not both")
+    if init is not None:
+        _init_weights(model, init)
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=dev)
         if ckpt["config"] != to_dict(cfg):
