@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 NOT_BUILT = {
-    "evaluate": "the DAVIS / JHMDB / VIP / flow suites (the evaluation issue)",
     "demo": "the offline demo (the demo issue)",
 }
+CHECKPOINT_HELP = ("a checkpoint: ours, the TimeCycle release (checkpoint_14.pth.tar), CRW's release "
+                   "(pretrained.pth) or a torchvision ResNet-18/50 state dict")
+TRUST_HELP = ("unpickle classes beyond tensors and plain values from the checkpoint; this can run any code "
+              "it names: only for files from a source you trust")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, TensorBoard logs, summary")
     train.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: the run folder's last one)")
+    train.add_argument("--init", metavar="CHECKPOINT",
+                       help=f"start a new run from the weights of {CHECKPOINT_HELP} (fine-tuning)")
     train.add_argument("--max-steps", type=int, help="stop after this many steps in all")
     train.add_argument("--minutes", type=float, help="stop after this much training time")
     train.add_argument("--epochs", type=int)
@@ -64,12 +69,27 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--mask", type=Path, help="first-frame mask: palette PNG of object ids, or 0/255 grey PNG")
     what.add_argument("--points", type=Path, help="JSON list of [x, y] points on the first frame")
     prop.add_argument("--checkpoint", default="random-resnet18",
-                      help="a timecycle checkpoint, or a baseline: random-resnet18, random-resnet50, "
+                      help=f"{CHECKPOINT_HELP}, or a baseline: random-resnet18, random-resnet50, "
                            "imagenet-resnet18, imagenet-resnet50 (downloads), pixels")
+    prop.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     prop.add_argument("--out", type=Path, required=True, help="folder for masks/ or points.json, and overlay.mp4")
     prop.add_argument("--preset", default="crw", help="propagation protocol: timecycle, crw, dino, vfs")
     prop.add_argument("--no-overlay", action="store_true", help="skip the overlay video")
     prop.add_argument("--device", default="cpu")
+
+    convert = sub.add_parser("convert", help="write a checkpoint of any recognised format as ours")
+    convert.add_argument("src", type=Path, metavar="IN", help=CHECKPOINT_HELP)
+    convert.add_argument("dst", type=Path, metavar="OUT", help="the timecycle checkpoint to write")
+    convert.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+
+    from timecycle.evaluate import available_suites
+
+    evaluate = sub.add_parser("evaluate", help="propagate over a benchmark, write official-layout results, score them")
+    suites = evaluate.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name, module in available_suites().items():
+        suite = suites.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
+        module.add_arguments(suite)
+        suite.set_defaults(run_suite=module.run)
 
     for name, what in NOT_BUILT.items():
         sub.add_parser(name, help=f"{what}: not built yet", add_help=False)
@@ -85,12 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
 
+    if args.command == "evaluate":
+        return args.run_suite(args)
     if args.command == "synth":
         return _synth(args)
     if args.command == "train":
         return _train(args)
     if args.command == "propagate":
         return _propagate(args)
+    if args.command == "convert":
+        return _convert(args)
 
     from timecycle.info import describe_environment, describe_index, describe_video
     from timecycle.video import VideoError
@@ -121,7 +145,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     resume = args.out / LAST if args.resume == "last" else args.resume
     try:
-        summary = train(cfg, args.data, args.out, resume=resume, device=args.device)
+        summary = train(cfg, args.data, args.out, resume=resume, device=args.device, init=args.init)
     except (VideoError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -136,7 +160,7 @@ def _propagate(args: argparse.Namespace) -> int:
     from timecycle.video import VideoError
 
     try:
-        model = load_model(args.checkpoint, device=args.device)
+        model = load_model(args.checkpoint, device=args.device, trust=args.trust_checkpoint)
         if args.mask is not None:
             summary = track_mask(args.video, args.mask, model, args.out, args.preset, overlay=not args.no_overlay,
                                  device=args.device)
@@ -147,6 +171,19 @@ def _propagate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(", ".join(f"{k}: {v}" for k, v in summary.items() if v is not None))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from timecycle.model.checkpoints import convert_checkpoint
+    from timecycle.model.formats import FORMAT_NAMES
+
+    try:
+        fmt = convert_checkpoint(args.src, args.dst, trust=args.trust_checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"converted {args.src} ({FORMAT_NAMES[fmt]}) to {args.dst}")
     return 0
 
 
