@@ -196,7 +196,7 @@ def test_yaml_config_overrides_a_preset_and_rejects_typos(tmp_path):
     bad.write_text("preset: cpu-small\nsample:\n  fsp: 8\n")
     with pytest.raises(KeyError, match="unknown setting 'fsp'"):
         load_train_config(bad)
-    for name in ("timecycle-r50", "cpu-small"):
+    for name in ("timecycle-r50", "crw-r18", "cpu-small"):
         assert load_train_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml") == preset(name)
 
 

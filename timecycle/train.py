@@ -1,5 +1,11 @@
 """Self-supervised training: one loop from a laptop CPU to many GPUs.
 
+One loop for both objectives (``TrainConfig.objective``): TimeCycle's cycles of a
+tracked patch (:mod:`timecycle.model.cycle`) and the contrastive random walk
+(:mod:`timecycle.model.crw`). Each has its sampler and its model, which returns a dict
+of scalar losses with 'total'; everything else (distribution, checkpoints, resuming,
+logging) is shared.
+
 Run as ``timecycle train`` for one process, or under ``torchrun`` for several
 (DistributedDataParallel: nccl on GPU, gloo on CPU). Rank 0 alone logs and writes
 checkpoints. A checkpoint holds everything needed to continue as if never stopped:
@@ -15,9 +21,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,9 +31,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from timecycle.config import TrainConfig, to_dict
-from timecycle.data.sampling import TimeCycleDataset
-from timecycle.model.checkpoints import load_checkpoint, save_checkpoint
+from timecycle.config import OptimConfig, TrainConfig, to_dict
+from timecycle.data.clips import CRWClipDataset
+from timecycle.data.sampling import KeyedVideoDataset, TimeCycleDataset
+from timecycle.model.checkpoints import (
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from timecycle.model.crw import CRW
 from timecycle.model.cycle import TimeCycle
 from timecycle.model.encoder import normalize_frames
 from timecycle.video import VideoIndex
@@ -35,7 +47,7 @@ from timecycle.video import VideoIndex
 log = logging.getLogger(__name__)
 
 LAST = "checkpoint_last.pt"
-LOSSES = ("total", "long", "skip", "sim")
+OBJECTIVES = ("timecycle", "crw")
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -94,7 +106,7 @@ def _distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _rng_state() -> dict:
@@ -116,7 +128,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: Path, model: TimeCycle, optimizer: torch.optim.Optimizer,
+def save_training_state(path: Path, model: TimeCycle | CRW, optimizer: torch.optim.Optimizer,
                         cfg: TrainConfig, progress: Progress) -> None:
     save_checkpoint(path, {
         "config": to_dict(cfg),
@@ -127,8 +139,53 @@ def save_training_state(path: Path, model: TimeCycle, optimizer: torch.optim.Opt
     })
 
 
-def build_model(cfg: TrainConfig) -> TimeCycle:
+def _check_objective(cfg: TrainConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(OBJECTIVES)}")
+
+
+def build_model(cfg: TrainConfig) -> TimeCycle | CRW:
+    """The model that ``cfg.objective`` trains: encoder and tracker, or encoder and walk head."""
+    _check_objective(cfg)
+    if cfg.objective == "crw":
+        return CRW(cfg.crw, cfg.model.encoder)
     return TimeCycle(cfg.model, frame_size=cfg.sample.crop, patch_size=cfg.sample.patch)
+
+
+def optim_config(cfg: TrainConfig) -> OptimConfig:
+    """The optimiser settings of the objective being trained (each has its own)."""
+    _check_objective(cfg)
+    return cfg.crw.optim if cfg.objective == "crw" else cfg.optim
+
+
+def build_dataset(cfg: TrainConfig, videos) -> KeyedVideoDataset:
+    """The sampler that ``cfg.objective`` trains on: TimeCycle's samples or CRW's clips."""
+    _check_objective(cfg)
+    if cfg.objective == "crw":
+        return CRWClipDataset(videos, cfg.crw, seed=cfg.seed)
+    return TimeCycleDataset(videos, cfg.sample, seed=cfg.seed)
+
+
+def model_inputs(cfg: TrainConfig, batch: dict, dev: torch.device, channels_last: bool = False) -> tuple:
+    """The model's arguments from a collated batch, on ``dev``, frames normalised with the
+    statistics the objective trains with (ImageNet's for TimeCycle, CIFAR's for CRW)."""
+    if cfg.objective == "crw":
+        clip = normalize_frames(batch["clip"].to(dev, non_blocking=True), cfg.crw.mean, cfg.crw.std)
+        return clip, batch["patch_theta"].to(dev, non_blocking=True)
+    clip, target, patch = (normalize_frames(batch[k].to(dev, non_blocking=True)) for k in ("clip", "target", "patch"))
+    if channels_last:
+        target, patch = (x.contiguous(memory_format=torch.channels_last) for x in (target, patch))
+    return clip, target, patch, batch["theta"].to(dev, non_blocking=True)
+
+
+def scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The scalar entries of a model's output (losses, accuracies), as floats for logging."""
+    return {k: float(v.detach()) for k, v in losses.items() if v.dim() == 0}
+
+
+def _tag(name: str) -> str:
+    """TensorBoard tag of a logged value: accuracies apart from losses."""
+    return f"accuracy/{name}" if name.startswith("acc") else f"loss/{name}"
 
 
 def _index(data: str | Path, rank: int, world: int) -> VideoIndex:
@@ -141,19 +198,23 @@ def _index(data: str | Path, rank: int, world: int) -> VideoIndex:
     return index
 
 
-def _init_weights(model: TimeCycle, path: str | Path) -> None:
-    from timecycle.model.checkpoints import load_timecycle
-
-    source = load_timecycle(path).state_dict()
+def _init_weights(model: TimeCycle | CRW, path: str | Path) -> None:
+    """The file's encoder, and whatever else of the model it holds (a tracker, a walk head);
+    the rest keeps its initialisation. Files of either objective and of every format that
+    :func:`~timecycle.model.checkpoints.read_checkpoint` reads fit, if their encoder is the config's."""
+    source = read_checkpoint(path)[1]["model"]
     own = model.state_dict()
     misfit = [k for k, v in source.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in source and k != "rolls"]  # rolls: a counter, not a weight
+    # BatchNorm's batch counters: absent from files older than them (the TimeCycle release).
+    missing = [k for k in own if k.startswith("encoder.") and k not in source
+               and not k.endswith("num_batches_tracked")]
     if misfit or missing:
         raise ValueError(f"{path}: its weights do not fit the model this config builds "
                          f"(shape differs: {misfit[:3]}, missing: {missing[:3]}); "
                          "pick a config with the checkpoint's encoder")
     model.load_state_dict({k: v for k, v in source.items() if k in own}, strict=False)
-    log.info("starting from the weights of %s", path)
+    fresh = sorted({k.split(".")[0] for k in own if k not in source and not k.startswith("encoder.")} - {"rolls"})
+    log.info("starting from the weights of %s%s", path, f" ({', '.join(fresh)} at initialisation)" if fresh else "")
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Path | None = None,
@@ -162,9 +223,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
 
     ``resume`` continues one of our training checkpoints exactly (optimiser, step,
     sampler position, random states). ``init`` starts a new run (step 0, fresh optimiser)
-    from the weights of any checkpoint :func:`~timecycle.model.checkpoints.load_timecycle`
-    reads: ours, the TimeCycle release, CRW's or torchvision's (encoder only; the tracker
-    then starts from its initialisation), to fine-tune what others trained.
+    from the weights of any checkpoint :func:`~timecycle.model.checkpoints.read_checkpoint`
+    reads: ours of either objective, the TimeCycle release, CRW's or torchvision's (what
+    the file lacks, a tracker or a walk head, starts from its initialisation), to
+    fine-tune what others trained.
 
     Returns a summary (steps, last losses, skipped videos, ...), also written to
     ``out/summary.json`` by rank 0.
@@ -188,7 +250,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
     torch.manual_seed(cfg.seed)
 
     index = _index(data, rank, world)
-    dataset = TimeCycleDataset(index, cfg.sample, seed=cfg.seed)
+    dataset = build_dataset(cfg, index)
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{data}: {len(dataset)} usable videos, fewer than one batch of {cfg.batch_size}; "
                          "lower batch_size or add videos")
@@ -199,8 +261,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
     gpu = dev.type == "cuda"
     if gpu and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                 weight_decay=cfg.optim.weight_decay)
+    opt = optim_config(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
     progress = Progress()
     if init is not None and resume is not None:
         raise ValueError("give either resume (continue a run) or init (start from weights), not both")
@@ -238,25 +300,26 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
     window_clips, window_start = 0, time.perf_counter()
 
     sampler.set_position(progress.epoch, start=progress.epoch_step * per_rank)
+    # The loader's own generator: its workers' base seed would otherwise be drawn from the
+    # global torch state when iteration starts, which a resumed run restores first, so
+    # that the model's random draws (CRW's edge dropout) would run one draw apart.
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-                        pin_memory=gpu, persistent_workers=cfg.workers > 0)
+                        pin_memory=gpu, persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     for batch in loader:
         if progress.step >= total_steps:
             break
         step_start = time.perf_counter()
-        clip, target, patch = (normalize_frames(batch[k].to(dev, non_blocking=True)) for k in
-                               ("clip", "target", "patch"))
-        theta = batch["theta"].to(dev, non_blocking=True)
-        if gpu and cfg.channels_last:
-            target, patch = (x.contiguous(memory_format=torch.channels_last) for x in (target, patch))
+        inputs = model_inputs(cfg, batch, dev, channels_last=gpu and cfg.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=gpu and cfg.amp):
-            losses = ddp(clip, target, patch, theta)
+            losses = ddp(*inputs)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if progress.step < cfg.freeze_encoder_steps:
             for p in encoder_params:
                 p.grad = None  # Adam leaves parameters without gradients untouched
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if opt.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
         optimizer.step()
 
         progress.step += 1
@@ -267,20 +330,21 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
         progress.skipped_videos += int(skipped)
         progress.seconds += time.perf_counter() - step_start
         window_clips += cfg.batch_size
-        last = {k: float(losses[k].detach()) for k in LOSSES}
+        last = scalars(losses)
         bar.update(1)
 
         if rank == 0 and (progress.step % cfg.log_every == 0 or progress.step == 1):
             rate = window_clips / (time.perf_counter() - window_start)
             window_clips, window_start = 0, time.perf_counter()
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in last.items()}, "clips/s": f"{rate:.1f}"})
+            shown = {k: f"{v:.3f}" for k, v in last.items() if not k[-1].isdigit()}  # not CRW's per walk
+            bar.set_postfix({**shown, "clips/s": f"{rate:.1f}"})
             progress.history.append({"step": progress.step, **last, "clips_per_s": rate})
             for k, v in last.items():
-                writer.add_scalar(f"loss/{k}", v, progress.step)
+                writer.add_scalar(_tag(k), v, progress.step)
             writer.add_scalar("lr", optimizer.param_groups[0]["lr"], progress.step)
             writer.add_scalar("clips_per_s", rate, progress.step)
-        if rank == 0 and (progress.step % cfg.image_every == 0 or progress.step == 1):
-            from timecycle.viz import cycle_figure
+        if rank == 0 and "cycle_thetas" in losses and (progress.step % cfg.image_every == 0 or progress.step == 1):
+            from timecycle.viz import cycle_figure  # TimeCycle's; CRW logs scalars only
 
             figure = cycle_figure(batch["clip"][0], batch["target"][0], losses["cycle_thetas"][0].float().cpu(),
                                   batch["theta"][0])

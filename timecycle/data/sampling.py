@@ -7,13 +7,16 @@ target frame moves, because a patch on static background can be "tracked" by any
 feature and teaches nothing.
 
 :func:`make_sample` is pure (frames and a generator in, tensors out) so that it can be
-tested without files; :class:`TimeCycleDataset` adds the video reading around it.
+tested without files; :class:`TimeCycleDataset` adds the video reading around it,
+through :class:`KeyedVideoDataset`, which the CRW clip sampler
+(:mod:`timecycle.data.clips`) shares.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -186,20 +189,89 @@ def make_sample(frames: np.ndarray, cfg: SampleConfig, rng: np.random.Generator)
 # ----------------------------------------------------------------------------- dataset
 
 
-class TimeCycleDataset(Dataset):
-    """TimeCycle samples from a list of probed videos, one sample per video per epoch.
+class KeyedVideoDataset(Dataset):
+    """One training sample per video per epoch, reproducible from its key: the reading,
+    keying and failure handling that every objective's sampler shares.
 
     Items are keyed by ``(epoch, i)`` (a plain ``i`` means epoch 0), and item ``i`` of
-    an epoch draws everything (start frame, crop, flip, patch place, rotation) from
+    an epoch draws everything (start frame, crops, ...) from
     ``np.random.default_rng([seed, epoch, i])``: the same sample whatever the number of
     workers or the order they ask in. The epoch travels in the key rather than living
     in the dataset so that data-loader workers can persist across epochs.
 
-    Failures: a video that raises :class:`VideoError` when opened or read (or turns out
-    shorter than its index said) is logged and replaced by the next video; the item's
-    ``skipped`` says how many were passed over. The count travels with the batch
-    because a counter kept in a data-loader worker never reaches the training loop.
+    Videos with fewer than ``minimum`` frames at ``fps`` are left out when the dataset is
+    built (counted in ``too_short``). A video that raises :class:`VideoError` when opened
+    or read (or turns out shorter than its index said) is logged and replaced by the
+    next video; the item's ``skipped`` says how many were passed over. The count travels
+    with the batch because a counter kept in a data-loader worker never reaches the
+    training loop.
+
+    Subclasses say which frames a sample reads (:meth:`layout`) and what it makes of
+    them (:meth:`make`).
     """
+
+    def __init__(
+        self,
+        videos: VideoIndex | Sequence[VideoInfo],
+        fps: float,
+        short_side: int,
+        minimum: int,
+        seed: int = 0,
+        open_fn: Callable[..., Video] = open_video,
+    ):
+        self.fps, self.short_side, self.minimum = fps, short_side, minimum
+        self.seed = seed
+        self.open_fn = open_fn
+        entries = list(getattr(videos, "entries", videos))
+        self.videos = [v for v in entries if v.frames_at(fps) >= minimum]
+        short = [v.path for v in entries if v.frames_at(fps) < minimum]
+        self.too_short = len(short)
+        if short:
+            log.warning("%d of %d videos are shorter than one sample (%d frames at %g fps) and are left out, e.g. %s",
+                        len(short), len(entries), minimum, fps, ", ".join(short[:3]))
+        if entries and not self.videos:
+            raise ValueError(f"none of the {len(entries)} videos is long enough for one sample "
+                             f"({minimum} frames at {fps:g} fps)")
+
+    def layout(self, num_frames: int, rng: np.random.Generator) -> tuple[int, list[int]]:
+        """(first frame, the frames to read) of a sample from a video of ``num_frames`` >= minimum."""
+        raise NotImplementedError
+
+    def make(self, frames: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The sample from the frames that :meth:`layout` named, (n, H, W, 3) uint8."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        """The sample of video ``i`` in ``epoch`` (key ``(epoch, i)``), or of the next
+        readable video; ``index`` says which video it came from and ``start`` its first
+        frame at ``fps``."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, i])
+        for attempt in range(len(self)):
+            index = (i + attempt) % len(self)
+            info = self.videos[index]
+            try:
+                with self.open_fn(info, fps=self.fps, short_side=self.short_side) as video:
+                    num_frames = len(video)
+                    if num_frames < self.minimum:
+                        raise VideoError(info.path, f"{num_frames} frames at {self.fps:g} fps, "
+                                                    f"fewer than the {self.minimum} of one sample")
+                    start, indices = self.layout(num_frames, rng)
+                    frames = video.read(indices)
+            except VideoError as err:
+                log.warning("skipping video %s: %s", info.path, err.problem if err.path == info.path else err)
+                continue
+            return {**self.make(frames, rng), "index": index, "start": start, "skipped": attempt}
+        raise RuntimeError(f"every one of the {len(self)} videos failed to decode; see the warnings above")
+
+
+class TimeCycleDataset(KeyedVideoDataset):
+    """TimeCycle samples (:func:`make_sample`) from a list of probed videos, one per video
+    per epoch, keyed and failing over as :class:`KeyedVideoDataset` says. Videos shorter
+    than the release's layout get it shrunk (:func:`sample_offsets`)."""
 
     def __init__(
         self,
@@ -210,51 +282,19 @@ class TimeCycleDataset(Dataset):
     ):
         check_config(cfg)
         self.cfg = cfg
-        self.seed = seed
-        self.open_fn = open_fn
-        entries = list(getattr(videos, "entries", videos))
-        minimum = min_frames(cfg)
-        self.videos = [v for v in entries if v.frames_at(cfg.fps) >= minimum]
-        short = [v.path for v in entries if v.frames_at(cfg.fps) < minimum]
-        self.too_short = len(short)
-        if short:
-            log.warning("%d of %d videos are shorter than one sample (%d frames at %g fps) and are left out, e.g. %s",
-                        len(short), len(entries), minimum, cfg.fps, ", ".join(short[:3]))
-        if entries and not self.videos:
-            raise ValueError(f"none of the {len(entries)} videos is long enough for one sample "
-                             f"({minimum} frames at {cfg.fps:g} fps)")
+        super().__init__(videos, cfg.fps, cfg.short_side, min_frames(cfg), seed, open_fn)
 
-    def __len__(self) -> int:
-        return len(self.videos)
+    def layout(self, num_frames: int, rng: np.random.Generator) -> tuple[int, list[int]]:
+        offsets = sample_offsets(num_frames, self.cfg)
+        start = int(rng.integers(0, num_frames - offsets.span + 1))
+        return start, [start + k for k in offsets.indices]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
-        """The sample of video ``i`` in ``epoch`` (key ``(epoch, i)``), or of the next
-        readable video; ``index`` says which video it came from and ``start`` its first
-        frame at ``cfg.fps``."""
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        rng = np.random.default_rng([self.seed, epoch, i])
-        minimum = min_frames(self.cfg)
-        for attempt in range(len(self)):
-            index = (i + attempt) % len(self)
-            info = self.videos[index]
-            try:
-                with self.open_fn(info, fps=self.cfg.fps, short_side=self.cfg.short_side) as video:
-                    num_frames = len(video)
-                    if num_frames < minimum:
-                        raise VideoError(info.path, f"{num_frames} frames at {self.cfg.fps:g} fps, "
-                                                    f"fewer than the {minimum} of one sample")
-                    offsets = sample_offsets(num_frames, self.cfg)
-                    start = int(rng.integers(0, num_frames - offsets.span + 1))
-                    frames = video.read([start + k for k in offsets.indices])
-            except VideoError as err:
-                log.warning("skipping video %s: %s", info.path, err.problem if err.path == info.path else err)
-                continue
-            sample = make_sample(frames, self.cfg, rng)
-            return {**sample, "index": index, "start": start, "skipped": attempt}
-        raise RuntimeError(f"every one of the {len(self)} videos failed to decode; see the warnings above")
+    def make(self, frames: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return make_sample(frames, self.cfg, rng)
 
 
 __all__ = [
+    "KeyedVideoDataset",
     "Offsets",
     "TimeCycleDataset",
     "check_config",

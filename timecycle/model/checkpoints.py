@@ -85,8 +85,8 @@ def load_timecycle(path: str | Path, device: str | torch.device = "cpu", trust: 
 
     From our checkpoints (trained or converted) and from the TimeCycle release, whose
     localiser is adapted to compute what the release's did (see :mod:`timecycle.model.formats`).
-    Files that hold an encoder only (CRW, torchvision) get a tracker at its initialisation,
-    with a warning.
+    Files that hold an encoder only (CRW, torchvision, our CRW runs) get a tracker at its
+    initialisation, with a warning.
     """
     path = Path(path)
     fmt, payload = read_checkpoint(path, trust)
@@ -196,10 +196,12 @@ def _timecycle_from(fmt: str, payload: dict, path: Path) -> TimeCycle:
     from timecycle.train import build_model  # train imports this module
 
     cfg = _config(payload, path)
-    model = build_model(cfg)
+    model = build_model(dataclasses.replace(cfg, objective="timecycle"))  # whatever objective trained it
     state = payload["model"]
-    if not _has_tracker(payload):
-        state = {**{k: v for k, v in model.state_dict().items() if k.startswith("tracker.")}, **state}
+    if cfg.objective != "timecycle":  # a CRW run: its walk head is no part of TimeCycle
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if not _has_tracker(payload):  # the tracker (and query counter) at their initialisation
+        state = {**{k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}, **state}
     _fit(model, state, f"{path} ({FORMAT_NAMES[fmt]})", f"the TimeCycle model its config describes "
          f"({cfg.model.encoder.arch}, {cfg.sample.crop}-px frames, {cfg.sample.patch}-px patches)")
     return model
