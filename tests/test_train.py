@@ -220,10 +220,12 @@ def test_cycle_figure_draws_the_true_box_where_theta_cut_the_patch():
 # ----------------------------------------------------------------------------- several processes
 
 
-def test_two_process_gloo_run_through_torchrun_keeps_ranks_identical(videos, tmp_path):
+@pytest.mark.parametrize("objective", ["timecycle", "crw"])
+def test_two_process_gloo_run_through_torchrun_keeps_ranks_identical(videos, tmp_path, objective):
     cfg_file = tmp_path / "tiny.yaml"
-    cfg_file.write_text("preset: cpu-small\nbatch_size: 4\nworkers: 0\nmax_steps: 2\n"
-                        "sample: {short_side: 80, crop: 72, patch: 24, motion_grid: 6, motion_window: 2}\n")
+    cfg_file.write_text(f"preset: cpu-small\nobjective: {objective}\nbatch_size: 4\nworkers: 0\nmax_steps: 2\n"
+                        "sample: {short_side: 80, crop: 72, patch: 24, motion_grid: 6, motion_window: 2}\n"
+                        "crw: {short_side: 56, frame_size: 48, patch: 16, patch_stride: 16, dim: 32}\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -232,8 +234,17 @@ def test_two_process_gloo_run_through_torchrun_keeps_ranks_identical(videos, tmp
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
          "--master_addr=127.0.0.1", "-m", "timecycle.cli", "train", "--config", str(cfg_file),
          "--data", str(videos), "--out", str(tmp_path / "run"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env=env)
+        check=False, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and "total" in summary["losses"]
     assert summary["weights_identical_across_ranks"] is True
+
+
+def test_a_time_budget_sets_the_progress_bars_total_at_the_pace_so_far():
+    from timecycle.train import projected_steps
+
+    assert projected_steps(Progress(step=0), minutes=1, total_steps=500) == 500  # no pace yet
+    assert projected_steps(Progress(step=10, seconds=20.0), minutes=1, total_steps=500) == 30  # 40 s left, 2 s/step
+    assert projected_steps(Progress(step=10, seconds=20.0), minutes=10, total_steps=100) == 100  # epochs end first
+    assert projected_steps(Progress(step=31, seconds=61.0), minutes=1, total_steps=500) == 31  # out of time

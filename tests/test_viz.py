@@ -157,3 +157,50 @@ def test_cycle_figure_of_a_model_on_a_sample_has_every_frame_enlarged():
         colours = [viz.BACKWARD_COLOUR] if panel == 0 else [viz.BACKWARD_COLOUR, viz.FORWARD_COLOUR]
         assert sum(np.all(frame == c, axis=-1).sum() for c in colours) > 20
         assert np.all(frame == viz.FORWARD_COLOUR, axis=-1).any() == (panel > 0)
+
+
+def _box_pixels(figure: np.ndarray, panel: int, side: int, gap: int, colour) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of ``colour`` in panel ``panel`` of a strip of side x side frames."""
+    frame = figure[:, panel * (side + gap):panel * (side + gap) + side]
+    return np.nonzero(np.all(frame == colour, axis=-1))
+
+
+def test_walk_figure_draws_each_step_on_its_frame_in_its_nodes_window():
+    from timecycle.model.crw import grid_boxes
+
+    boxes = grid_boxes(48, 16, 16)  # 3x3 nodes of 16 px, row-major
+    frames = torch.zeros(3, 3, 48, 48)
+    figure = viz.walk_figure(frames, boxes, [4, 5, 8, 2, 4], gap=4)  # 0 -> 1 -> 2 -> 1 -> 0
+    assert figure.shape == (48, 3 * 48 + 2 * 4, 3)
+    expected = {(0, viz.TRUE_COLOUR): 4, (1, viz.FORWARD_COLOUR): 5, (2, viz.FORWARD_COLOUR): 8,
+                (1, viz.BACKWARD_COLOUR): 2, (0, viz.BACKWARD_COLOUR): 4}
+    for (panel, colour), node in expected.items():
+        ys, xs = _box_pixels(figure, panel, 48, 4, colour)
+        top, left = (int(v) for v in boxes[node, :2])
+        assert ys.min() >= top and ys.max() < top + 16 and xs.min() >= left and xs.max() < left + 16
+        assert len(ys) > 20
+    assert not _box_pixels(figure, 2, 48, 4, viz.BACKWARD_COLOUR)[0].size  # the walk turns at the last frame
+    with pytest.raises(ValueError, match="visits 5 nodes"):
+        viz.walk_figure(frames, boxes, [4, 5, 8], gap=4)
+
+
+def test_model_walk_figure_steps_to_the_most_similar_node(monkeypatch):
+    """Nodes whose embedding moves one node left per frame: the walk follows them out
+    and back home, and the model's mode is restored."""
+    from timecycle.config import CRWConfig
+    from timecycle.model.crw import CRW, grid_boxes
+
+    cfg = CRWConfig(frame_size=48, patch=16, patch_stride=16, dim=8)
+    model = CRW(cfg).train()
+    n, t = 9, 3
+    eye = torch.eye(n)
+    nodes = torch.stack([eye.roll(-k, dims=0) for k in range(t)])  # node i of frame k = e_(i + k)
+    monkeypatch.setattr(model, "embed", lambda clip, patch_theta=None: nodes[None])
+    figure = viz.model_walk_figure(model, torch.zeros(t, 3, 48, 48), start=5, gap=4)
+    assert model.training
+    boxes = grid_boxes(48, 16, 16)
+    for panel, colour, node in ((0, viz.TRUE_COLOUR, 5), (1, viz.FORWARD_COLOUR, 4), (2, viz.FORWARD_COLOUR, 3),
+                                (1, viz.BACKWARD_COLOUR, 4), (0, viz.BACKWARD_COLOUR, 5)):
+        ys, xs = _box_pixels(figure, panel, 48, 4, colour)
+        top, left = (int(v) for v in boxes[node, :2])
+        assert ys.min() >= top and ys.max() < top + 16 and xs.min() >= left and xs.max() < left + 16

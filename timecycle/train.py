@@ -296,6 +296,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
     bar = tqdm(total=total_steps, initial=progress.step, desc=cfg.name, unit="step",
                disable=rank != 0 or not progress_bar, dynamic_ncols=True)
     encoder_params = list(model.encoder.parameters())
+    # TimeCycle's remedy for a stalled start, a localiser that learns alone first; CRW has no tracker.
+    frozen_steps = cfg.freeze_encoder_steps if cfg.objective == "timecycle" else 0
     last: dict[str, float] = {}
     window_clips, window_start = 0, time.perf_counter()
 
@@ -315,7 +317,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
             losses = ddp(*inputs)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        if progress.step < cfg.freeze_encoder_steps:
+        if progress.step < frozen_steps:
             for p in encoder_params:
                 p.grad = None  # Adam leaves parameters without gradients untouched
         if opt.grad_clip is not None:
@@ -331,6 +333,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
         progress.seconds += time.perf_counter() - step_start
         window_clips += cfg.batch_size
         last = scalars(losses)
+        if cfg.minutes is not None:
+            bar.total = projected_steps(progress, cfg.minutes, total_steps)
         bar.update(1)
 
         if rank == 0 and (progress.step % cfg.log_every == 0 or progress.step == 1):
@@ -361,6 +365,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
                 save_training_state(out / f"checkpoint_epoch{progress.epoch:03d}.pt", model, optimizer, cfg,
                                     progress)
         if stop:
+            bar.total = progress.step  # a run stopped by the clock ends its bar full
             break
     bar.close()
 
@@ -379,6 +384,15 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def projected_steps(progress: Progress, minutes: float, total_steps: int) -> int:
+    """The step at which a run with a time budget will stop, at its pace so far: the
+    progress bar's total, so that its ETA is the budget's end and not the epochs'."""
+    if progress.step == 0 or progress.seconds <= 0:
+        return total_steps
+    left = max(minutes * 60 - progress.seconds, 0.0) * progress.step / progress.seconds
+    return min(total_steps, progress.step + math.ceil(left))
 
 
 def _weights_agree(model: torch.nn.Module) -> bool:

@@ -5,6 +5,9 @@
   through the clip, and where it came home. TensorBoard shows it during training,
   because a loss curve cannot tell a tracker that follows the object from one that
   learnt to stay put (:func:`cycle_figure`, :func:`model_cycle_figure`);
+- the walk figure, its counterpart for the CRW objective: a node of the first frame
+  followed by its most likely steps forward through the clip and back home
+  (:func:`walk_figure`, :func:`model_walk_figure`);
 - masks, keypoints and skeletons drawn over frames (:func:`overlay_mask`,
   :func:`draw_points`, :func:`draw_skeleton`);
 - texture propagation: a logo pasted on the first frame as soft labels and carried
@@ -94,6 +97,56 @@ def model_cycle_figure(model: torch.nn.Module, sample: dict, scale: int = 1, gap
         model.train(was_training)
     return cycle_figure(sample["clip"], sample["target"], out["cycle_thetas"][0].float().cpu(), sample["theta"],
                         gap=gap, scale=scale)
+
+
+def walk_figure(frames: torch.Tensor, boxes: torch.Tensor, path: Sequence[int], gap: int = 4,
+                scale: int = 1) -> np.ndarray:
+    """A palindrome walk 0 -> T-1 -> 0 drawn on its T frames, in time order.
+
+    frames (T, 3, S, S) in [0, 1]; boxes (N, 4) pixel (top, left, height, width) of the
+    nodes' windows; path the 2T - 1 nodes visited, in the frames 0, 1, .., T-1, .., 1, 0.
+    The start is a green box, steps forward blue, steps back red: a walk that comes home
+    ends with a red box just inside the green one. Returns (sS, T sS + (T-1) gap, 3) uint8.
+    """
+    t = frames.shape[0]
+    if len(path) != 2 * t - 1:
+        raise ValueError(f"a walk over {t} frames and back visits {2 * t - 1} nodes, got {len(path)}")
+    images = [_to_image(f, scale) for f in frames]
+    draws = [ImageDraw.Draw(im) for im in images]
+    visits = list(range(t)) + list(range(t - 2, -1, -1))  # the frame of each step
+    for step, (frame, node) in enumerate(zip(visits, path)):
+        top, left, h, w = (float(v) * scale for v in boxes[node])
+        colour, width = ((TRUE_COLOUR, 2 * scale) if step == 0 else
+                         (FORWARD_COLOUR if step < t else BACKWARD_COLOUR, scale))
+        # Nested, so that a node visited on the way out and back shows both boxes inside the start's.
+        inset = (0 if step == 0 else 2 if step < t else 3) * scale
+        draws[frame].rectangle((left + inset, top + inset, left + w - 1 - inset, top + h - 1 - inset),
+                               outline=colour, width=width)
+    return strip([np.asarray(im) for im in images], gap=gap)
+
+
+@torch.no_grad()
+def model_walk_figure(model: torch.nn.Module, frames: torch.Tensor, start: int, scale: int = 1,
+                      gap: int = 4) -> np.ndarray:
+    """:func:`walk_figure` of a CRW model (in eval mode: no edges dropped) on frames
+    (T, 3, S, S) in [0, 1] at the model's frame size, from node ``start`` of the first
+    frame, each step to the most likely node (the transition's arg-max)."""
+    from timecycle.model.crw import grid_boxes
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        nodes = model.embed(normalize_frames(frames[None].to(device), *model.stats))[0]  # (T, N, D)
+    finally:
+        model.train(was_training)
+    path = [start]
+    for t in range(len(nodes) - 1):  # forward: the node of t+1 most like the current one
+        path.append(int((nodes[t + 1] @ nodes[t][path[-1]]).argmax()))
+    for t in range(len(nodes) - 2, -1, -1):  # back home
+        path.append(int((nodes[t] @ nodes[t + 1][path[-1]]).argmax()))
+    boxes = grid_boxes(model.frame_size, model.patch, model.patch_stride)
+    return walk_figure(frames, boxes, path, gap=gap, scale=scale)
 
 
 # ----------------------------------------------------------------------------- masks, points, skeletons

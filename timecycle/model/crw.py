@@ -162,7 +162,8 @@ class CRW(nn.Module):
         self.encoder = build_encoder(encoder or EncoderConfig(arch="resnet18", dim=None, padding_mode="reflect"))
         self.head = nn.Linear(self.encoder.out_dim, cfg.dim)
         self.temperature, self.edge_dropout = cfg.temperature, cfg.edge_dropout
-        self.frame_size, self.patch = cfg.frame_size, cfg.patch
+        self.frame_size, self.patch, self.patch_stride = cfg.frame_size, cfg.patch, cfg.patch_stride
+        self.stats = (cfg.mean, cfg.std)  # of the inputs it trains on
         # The nodes without jitter, for clips given without patch_theta (evaluation, benchmarks).
         grid = box_thetas(grid_boxes(cfg.frame_size, cfg.patch, cfg.patch_stride), cfg.frame_size, cfg.frame_size)
         self.register_buffer("grid_theta", grid, persistent=False)  # (N, 2, 3)
