@@ -70,3 +70,50 @@ def write_index_video(path: Path, n: int, fps: int = 30, gop: int = 10, codec: s
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+@pytest.fixture(scope="session")
+def learning_run(tmp_path_factory):
+    """Train a config on 64 synthetic videos (48 frames of 128x128) and score first-frame
+    mask propagation on 6 held-out clips (J-Mean) for the trained encoder, its
+    initialisation, and that initialisation with BatchNorm statistics re-estimated on the
+    training videos, the fair baseline: training replaces them whatever the gradients teach.
+    Returns run(cfg, name) -> {"history", "init", "init_bn", "trained", "seconds"}."""
+    import copy
+    import time
+
+    import torch
+
+    from timecycle.data.synthetic import SyntheticConfig, generate_set, write_videos
+    from timecycle.demo import calibrate_batchnorm
+    from timecycle.evaluate.synthetic import score_clips
+    from timecycle.model.checkpoints import load_checkpoint, load_model
+    from timecycle.model.encoder import EncoderFeatures
+    from timecycle.train import LAST, build_model, train
+
+    root = tmp_path_factory.mktemp("learning")
+    data = root / "train"
+    write_videos(generate_set(SyntheticConfig(frames=48), 64, seed=11), data)
+    held_out = list(generate_set(SyntheticConfig(height=112, width=112, frames=12, first_frame_objects=True),
+                                 6, seed=99))
+
+    def run(cfg, name: str) -> dict:
+        start = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # the session's 1 thread is for small ops; this is a training run
+        try:
+            torch.manual_seed(cfg.seed)  # as train() does before it builds the model: the same initialisation
+            init = build_model(cfg).encoder
+            train(cfg, data, root / name, progress_bar=False)
+            calibrated = calibrate_batchnorm(copy.deepcopy(init), data, cfg, 64, cfg.seed)
+            return {
+                "history": load_checkpoint(root / name / LAST)["progress"]["history"],
+                "init": score_clips(EncoderFeatures(init.eval()), held_out, context=3)["J-Mean"],
+                "init_bn": score_clips(EncoderFeatures(calibrated), held_out, context=3)["J-Mean"],
+                "trained": score_clips(load_model(root / name / LAST), held_out, context=3)["J-Mean"],
+                "seconds": time.perf_counter() - start,
+            }
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

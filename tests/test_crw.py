@@ -2,17 +2,15 @@
 training through the shared loop, loading what it trained, and that it learns."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import time
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import default_collate
 
-from timecycle.config import PRESETS, CRWConfig, EncoderConfig, preset
+from timecycle.config import PRESETS, CRWConfig, EncoderConfig, OptimConfig, preset
 from timecycle.data.clips import CRWClipDataset, make_clip, random_resized_boxes
 from timecycle.data.synthetic import SyntheticConfig, generate_set, write_videos
 from timecycle.model.checkpoints import load_checkpoint, load_model, load_timecycle
@@ -233,8 +231,8 @@ def test_crw_preset_holds_the_release_values_and_cpu_small_takes_either_objectiv
                                                                                   (0.7, 0.9))
     assert (r18.crw.optim.lr, r18.crw.optim.betas, r18.crw.optim.grad_clip) == (1e-4, (0.9, 0.999), None)
     small = preset("cpu-small")
-    assert optim_config(small) == small.optim and optim_config(dataclasses.replace(small, objective="crw")) == \
-        small.crw.optim != small.optim  # each objective its own rate
+    walk = dataclasses.replace(small, objective="crw", crw=dataclasses.replace(small.crw, optim=OptimConfig(lr=5e-5)))
+    assert optim_config(small) == small.optim and optim_config(walk).lr == 5e-5  # each objective its own optimiser
     assert isinstance(build_model(small), TimeCycle)
     assert isinstance(build_model(dataclasses.replace(small, objective="crw")), CRW)
     with pytest.raises(ValueError, match="unknown objective 'walk'"):
@@ -310,37 +308,19 @@ def test_cli_objective_flag_and_init_from_a_timecycle_run(videos, tmp_path):
 
 
 @pytest.mark.timeout(1200)
-def test_crw_learns_on_synthetic_videos_and_beats_its_initialisation(tmp_path, capsys):
+def test_crw_learns_on_synthetic_videos_and_beats_its_initialisation(learning_run, capsys):
     """cpu-small with the CRW objective, trained on synthetic videos: the walk's loss falls,
     and its features propagate held-out first-frame masks better than the same network at
     its initialisation, even once that network's BatchNorm statistics are re-estimated on
-    the training videos (training changes them whatever the gradients teach; all J-Means
-    printed). About two minutes on two free CPU cores."""
-    torch.set_num_threads(2)  # the session fixture's 1 thread is for small ops; this is a training run
-    start = time.perf_counter()
-    write_videos(generate_set(SyntheticConfig(frames=48), 64, seed=11), tmp_path / "train")
-    held_out = list(generate_set(SyntheticConfig(height=112, width=112, frames=12, first_frame_objects=True),
-                                 6, seed=99))
+    the training videos (all J-Means printed). About two minutes on two free CPU cores."""
     steps = 48
-    cfg = dataclasses.replace(preset("cpu-small"), objective="crw", max_steps=steps, log_every=1)
-    torch.manual_seed(cfg.seed)  # as train() does before it builds the model: the same initialisation
-    init = build_model(cfg).encoder
-    train(cfg, tmp_path / "train", tmp_path / "run", progress_bar=False)
-
-    from timecycle.demo import calibrate_batchnorm
-    from timecycle.evaluate.synthetic import score_clips
-
-    calibrated = calibrate_batchnorm(copy.deepcopy(init), tmp_path / "train", cfg, 64, cfg.seed)
-
-    history = load_checkpoint(tmp_path / "run" / LAST)["progress"]["history"]
+    run = learning_run(dataclasses.replace(preset("cpu-small"), objective="crw", max_steps=steps, log_every=1), "crw")
+    history = run["history"]
     assert len(history) == steps
     early, late = (np.mean([h["total"] for h in part]) for part in (history[:8], history[-8:]))
-    before = score_clips(EncoderFeatures(init.eval()), held_out, context=3)["J-Mean"]
-    before_bn = score_clips(EncoderFeatures(calibrated), held_out, context=3)["J-Mean"]
-    after = score_clips(load_model(tmp_path / "run" / LAST), held_out, context=3)["J-Mean"]
     with capsys.disabled():
         print(f"\ncpu-small, CRW, {steps} steps: walk loss {early:.3f} -> {late:.3f}; held-out J-Mean: "
-              f"init {before:.3f}, init with recalibrated BatchNorm {before_bn:.3f}, trained {after:.3f} "
-              f"({time.perf_counter() - start:.0f} s)")
+              f"init {run['init']:.3f}, init with recalibrated BatchNorm {run['init_bn']:.3f}, "
+              f"trained {run['trained']:.3f} ({run['seconds']:.0f} s)")
     assert late < early
-    assert after > max(before, before_bn)
+    assert run["trained"] > max(run["init"], run["init_bn"])
