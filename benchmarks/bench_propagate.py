@@ -5,7 +5,10 @@ of a frame against its whole context, as the CRW release computes it) for compar
 
 Each measurement runs in a fresh subprocess, so peak memory (ru_maxrss) is its own.
 The target: propagation costs less than feature extraction, in memory that does not
-grow with the video.
+grow with the video. On the CPU the CRW, DINO and VFS presets shortlist keys in
+bfloat16 (see timecycle.propagate); the results are the exact ones either way. The
+machine's load average is printed with each row: on a shared machine, compare
+extraction and propagation measured under the same load (and threads).
 
     python benchmarks/bench_propagate.py [--data ../shared/data/davis-sample] [--threads 2]
         [--device cpu] [--archs resnet18 resnet50] [--preset crw] [--frames 30]
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -66,6 +70,7 @@ def measure_propagation(seq: Path, annotations: Path, arch: str, preset_name: st
                         frames: int | None) -> dict:
     """One video streamed through :func:`propagate`. Decoding is timed in a pass of its
     own and subtracted; J is the mean IoU against the annotations over frames 1..T-2."""
+    torch.manual_seed(0)  # the same random encoder in every run, so that J compares across versions
     model = TimedModel(EncoderFeatures(Encoder(arch, dim=None).eval().to(device)), device)
     with open_video(seq) as video:
         count = len(video) if frames is None else min(frames, len(video))
@@ -104,6 +109,7 @@ def measure_dense_reference(seq: Path, arch: str, preset_name: str, device: str,
     from test_propagate import dense_reference
 
     cfg: PropagationConfig = preset(preset_name, arch)
+    torch.manual_seed(0)
     encoder = EncoderFeatures(Encoder(arch, dim=None).eval().to(device))
     with open_video(seq) as video, torch.no_grad():
         x = torch.from_numpy(video.read(range(frames))).to(device).permute(0, 3, 1, 2).float() / 255
@@ -171,18 +177,21 @@ def main() -> None:
     print(f"preset {args.preset}: {cfg}")
     print(f"device {args.device}, {args.threads} threads; random-init encoders, features not projected")
     print(f"{'arch':<10}{'video':<13}{'frames':>7}{'decode s/f':>12}{'extract s/f':>13}{'propagate s/f':>15}"
-          f"{'fps':>7}{'peak RSS GiB':>14}{'J':>7}")
+          f"{'prop/extr':>11}{'fps':>7}{'peak RSS GiB':>14}{'J':>7}{'load':>7}")
     for arch in args.archs:
         for seq in (args.short, args.long):
+            load = os.getloadavg()[0]
             r = run_child(args, archs=[arch], seq=seq, frames=args.frames)
             print(f"{arch:<10}{seq:<13}{r['frames']:>7}{r['decode_s_per_frame']:>12.3f}{r['extract_s_per_frame']:>13.3f}"
-                  f"{r['propagate_s_per_frame']:>15.3f}{r['fps']:>7.2f}{r['peak_rss_gib']:>14.2f}{r['J']:>7.3f}"
-                  + (f"   GPU peak {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""))
+                  f"{r['propagate_s_per_frame']:>15.3f}{r['propagate_s_per_frame'] / r['extract_s_per_frame']:>11.2f}"
+                  f"{r['fps']:>7.2f}{r['peak_rss_gib']:>14.2f}{r['J']:>7.3f}{load:>7.2f}"
+                  + (f"   GPU peak {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""), flush=True)
         if args.dense_frames:
+            load = os.getloadavg()[0]
             d = run_child(args, archs=[arch], seq=args.short, frames=args.dense_frames, dense=True)
-            print(f"{arch:<10}{'dense ref.':<13}{d['frames']:>7}{'':>25}{d['dense_s_per_frame']:>15.3f}"
-                  f"{'':>7}{d['peak_rss_gib']:>14.2f}   (context of {d['context_reached']} frames at most; "
-                  f"its memory grows with the context)")
+            print(f"{arch:<10}{'dense ref.':<13}{d['frames']:>7}{'':>25}{d['dense_s_per_frame']:>15.3f}{'':>18}"
+                  f"{d['peak_rss_gib']:>14.2f}{'':>7}{load:>7.2f}   (float64, context of {d['context_reached']} "
+                  f"frames at most; its memory grows with the context)", flush=True)
 
 
 if __name__ == "__main__":

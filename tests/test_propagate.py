@@ -19,7 +19,9 @@ from timecycle.propagate import (
     PRESETS,
     InputSize,
     PropagationConfig,
+    _Context,
     _Geometry,
+    _Propagator,
     one_hot,
     preset,
     propagate,
@@ -135,6 +137,81 @@ def test_more_kept_keys_than_the_window_holds():
         cfg = PropagationConfig(context=2, top_k=50, top_k_per_frame=per_frame, radius=1.0, radius_on_first=True)
         for g, r in zip(run(feats, first, cfg), dense_reference(feats, first, cfg)):
             torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the bfloat16 shortlist
+
+
+def test_the_presets_run_the_shortlist_and_it_is_short(monkeypatch):
+    """CRW, DINO and VFS shortlist keys on the CPU (TimeCycle's per-frame softmax needs
+    every score); on smooth features, where neighbouring queries match neighbouring
+    keys as in real videos, few keys are scored exactly."""
+    for name in PRESETS:
+        engine = _Propagator(random_features(1, 8, 9, 10)[0], torch.rand(2, 9, 10), preset(name))
+        assert engine.shortlist == (name != "timecycle"), name
+    scored = []
+    exact = _Context.exact
+
+    def counting(self, *args):
+        scores, labels = exact(self, *args)
+        scored.append(len(scores))
+        return scores, labels
+
+    monkeypatch.setattr(_Context, "exact", counting)
+    g = torch.Generator().manual_seed(4)
+    smooth = F.interpolate(torch.randn(6, 32, 4, 5, generator=g), size=(32, 40), mode="bilinear", align_corners=False)
+    feats = F.normalize(smooth + 0.01 * torch.randn(smooth.shape, generator=g), dim=1)  # no two cells alike
+    first = torch.rand(2, 32, 40, generator=torch.Generator().manual_seed(0))
+    cfg = dataclasses.replace(preset("crw"), context=3)
+    for got, want in zip(run(feats, first, cfg), dense_reference(feats, first, cfg)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # A tile meets the first frame's 32 * 40 keys, and 40 * 32 of each frame of the ring.
+    assert np.mean(scored) < 0.25 * 32 * 40
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "post-relu"])
+@pytest.mark.parametrize("channels", [16, 256])
+def test_the_bfloat16_error_bound_holds(signed, channels):
+    """Every approximate score is within its bound of q . k - q . c - t (the exact score
+    less the query's constants), as the bfloat16 matmul computes it on this machine, and
+    the bound is a few units in bfloat16's last place where the kept keys are."""
+    g = torch.Generator().manual_seed(channels)
+    feats = torch.randn(4, channels, 16, 24, generator=g)
+    feats = F.normalize(feats if signed else feats.relu() + 0.05 * torch.rand(feats.shape, generator=g), dim=1)
+    engine = _Propagator(feats[0], torch.rand(2, 16, 24), PropagationConfig(context=2, radius=None))
+    for t in (1, 2):
+        engine.step(feats[t])
+    engine._code_queries(feats[3])
+    group = engine.groups[0]
+    c = group.centre.double()
+    for y0, x0 in [(0, 0), (0, 16)]:
+        tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
+        codes = engine.codes[tile].flatten(0, 1)
+        approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q)
+        q = feats[3].permute(1, 2, 0)[tile].flatten(0, 1).double()  # (Q, C), cells past the grid are 0
+        keys = group.feats.flatten(0, 2).double()  # (N, C)
+        shift = codes[:, channels + 2].double()  # -t
+        exact = (keys @ q.T - q @ c + shift).double()
+        bound = (approximate.abs() * 2.0 ** -8 / (1 - 2.0 ** -8) + engine.bounds[0][tile].flatten()
+                 + group.key_errors.flatten(0, 2).double() @ engine.weights[tile].flatten(0, 1).T.double())
+        real = (group.absent.flatten() == 0)[:, None] & (q.norm(dim=1) > 0)
+        assert ((approximate - exact).abs() <= bound)[real].all()
+        best = exact.masked_fill(~real, -math.inf).argmax(0)  # where the kept keys are
+        assert bound.gather(0, best[None]).max() < 0.01  # a few units in bfloat16's last place
+
+
+@pytest.mark.parametrize("spread", [1e-3, 3e-2])
+def test_near_ties_keep_the_exact_top_k(spread):
+    """Keys whose scores differ by less than bfloat16 can tell apart all stay on the
+    shortlist and float64 ranks them: still the dense reference's result."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(16, 1, 1, generator=g)
+    feats = F.normalize(base + spread * torch.randn(12, 16, 14, 18, generator=g), dim=1)
+    first = torch.rand(3, 14, 18, generator=g)
+    for name in ("crw", "dino"):
+        cfg = preset(name)
+        for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
 
 
 # ----------------------------------------------------------------------------- known answers

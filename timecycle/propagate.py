@@ -10,10 +10,24 @@ together, or per frame), turns the kept scores into weights and averages their l
 the prediction is then fed back as that frame's label.
 
 Work and memory do not grow with the video: the context lives in ring buffers, and
-queries are handled a tile of cells at a time. With a radius, a tile only meets the
-cells within reach of it, read as strided views of the buffers (no copies of the
-keys), so at native 480p the largest intermediate is about 5 MB where the dense
-affinity over CRW's context of 21 frames would take 3.5 GB.
+queries are handled a tile of cells at a time, each meeting only the block of keys
+within reach of it (every key of a frame without a radius), so at native 480p the
+largest intermediate is a few MB where the dense affinity over CRW's context of 21
+frames would take 3.5 GB.
+
+Scoring every key in float32 and sorting the scores costs several times what the
+encoder does. So with one softmax over the kept keys and a joint top-k (CRW, DINO and
+VFS) on the CPU, a tile first scores its keys in bfloat16, which the CPU's matrix
+units run several times faster, with a bound on every approximate score's error
+computed from the norms of what was rounded. A lower bound on the k-th best score
+then rules out most keys, run by run of neighbouring cells and then key by key, and
+only the rest are scored, in float64, and ranked. No key that an exact computation
+would keep is ever ruled out, however close the scores, so the result is the exact
+one by construction, near-ties ranked as in float64. Other settings (a per-frame
+softmax or top-k) and other devices score every key in float32. The price is memory:
+bfloat16 matmuls are only fast on contiguous blocks, so the codes are kept once per
+column of tiles, four copies of every key within CRW's radius; at 480p, a ResNet-50's
+(1024 channels) context of 20 frames then takes about 2.6 GB, a ResNet-18's 0.7 GB.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
@@ -183,7 +197,38 @@ def resolve_config(
 
 # ----------------------------------------------------------------------------- the engine
 
-_TILE = 8  # query cells per tile side: big enough for efficient matmuls, small enough to waste little
+_TILE = (16, 8)  # query cells per tile, (rows, columns): big enough for efficient matmuls, small enough to waste little
+_RUN = 8  # keys per run: neighbouring cells of one row of one context frame, the unit of the shortlist
+_SLABS = 8  # slabs of runs whose elementwise maxima give the k-th best score's lower bound cheaply
+_ABSENT = -1e4  # the approximate score of a key that is not there, far below any cosine
+_U_BF16, _U_F32, _U_F64 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -53  # unit roundoffs: 8, 24 and 53 significant bits
+_U = _U_BF16 / (1 - 2 * _U_BF16)  # y - _U |y| is at most the A solving A + _U_BF16 |A| / (1 - _U_BF16) = y
+_SLACK = 2.0 ** -18  # covers the float32 roundings in applying the bounds
+
+
+def _code_width(channels: int) -> int:
+    """Channels of a bfloat16 code: the features' and three more, padded to a multiple
+    of 16, which the CPU's matrix units take faster."""
+    return 16 * -(-(channels + 3) // 16)
+
+
+def _gamma(n: int, u: float) -> float:
+    """The bound on the relative error of a sum of n products rounded in any order (Higham's gamma_n)."""
+    return n * u / (1 - n * u)
+
+
+def _code(x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Vectors x (..., C) centred and rounded to bfloat16, with upper bounds on
+    ||code - (x - c)|| and on max(||x - c||, ||code||), (...,) each.
+
+    x - c is rounded once in float32, by at most u32 |x_i - c_i| per entry, and code
+    minus that is exact (Sterbenz), so ||code - (x - c)|| <= ||code - fl(x - c)|| + u32
+    ||x - c||; float32 norms of C < 16000 entries are within 2^-10 of the exact ones."""
+    diff = x - centre
+    code = diff.bfloat16()
+    wide = code.float()
+    size = torch.maximum(diff.norm(dim=-1), wide.norm(dim=-1)) * (1 + 2.0 ** -10)
+    return code, (wide - diff).norm(dim=-1) * (1 + 2.0 ** -10) + _U_F32 * size, size
 
 
 def propagate_features(
@@ -197,10 +242,11 @@ def propagate_features(
     ``cfg.minmax``). Features are consumed one at a time, so they may come from a
     generator that encodes the video as it goes.
 
-    Work is in float32. Post-ReLU features give many nearly equal scores, and where two
-    keys tie for the k-th place within float32 rounding, another implementation (or
-    device) may keep the other one; that is the only way results differ from an exact
-    computation.
+    Kept keys are ranked by float64 scores where the bfloat16 shortlist runs (see the
+    module docstring), else by float32 scores. Post-ReLU features give many nearly
+    equal scores, and where two keys tie for the k-th place within float32 rounding,
+    another implementation (or device) may keep the other one; that is the only way
+    results differ from an exact computation.
     """
     if first_labels.dim() != 3:
         raise ValueError(f"first labels must be (K, h, w), got shape {tuple(first_labels.shape)}")
@@ -216,77 +262,161 @@ def _propagate(features: Iterator[Tensor], first_labels: Tensor, cfg: Propagatio
         yield engine.step(feat)
 
 
-# Both kinds of context give scores as (A, S, B, Q): S frames of A*B keys each (a block
-# of A rows of B cells, or A = 1 and B = h*w), queries last, the layout a batched matmul
-# of keys by queries produces without copying; labels come as (A, S, B, K) to match.
+class _Context:
+    """A group of context frames whose keys a tile of queries meets as one block: every
+    cell (``radius`` None), or the rows and columns within the radius of the tile.
 
-
-class _DenseContext:
-    """Context frames whose every cell is a key, as (S, hw, C) features and (S, hw, K) labels."""
-
-    def __init__(self, slots: int, channels: int, classes: int, grid: tuple[int, int], device: torch.device):
-        self.feats = torch.zeros(slots, grid[0] * grid[1], channels, device=device)
-        self.labs = torch.zeros(slots, grid[0] * grid[1], classes, device=device)
-        self.filled = 0  # slots are filled in order, so the filled ones are a prefix
-
-    def write(self, slot: int, feat: Tensor, labels: Tensor) -> None:
-        self.feats[slot] = feat.flatten(1).T
-        self.labs[slot] = labels.flatten(1).T
-
-    def candidates(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
-        s = self.filled
-        scores = torch.matmul(self.feats[:s], q.T)  # (S, hw, Q)
-        return scores[None], self.labs[None, :s]
-
-
-class _LocalContext:
-    """Context frames whose keys are restricted to a radius around the query.
-
-    The maps are kept zero-padded by the radius, channels-last, rows outermost and slots
-    next: (H', S, W', C). The keys a tile can reach, a block of rows and columns across
-    all slots, then form a strided view that a batched matmul reads without copying,
-    because one buffer row is exactly S slot-rows long.
+    Buffers are channels-last with the slots innermost, (rows, cols, S, C), and padded
+    around the grid so that every tile's block lies inside them, its left edge on a
+    multiple of the run length. Besides the float32 features, a group that shortlists
+    keeps bfloat16 codes of the keys centred on ``centre`` c, [k - c, beta_hi, beta_lo, 1]
+    with beta = c . (k - c) = beta_hi + beta_lo nearly exactly: against a query's code
+    [q - c, 1, 1, -t] a key's scores q . k - q . c - t, the score less a constant of the
+    query. Centred features are short, so their rounding errors are small, and t brings
+    the best scores near 0, where the bfloat16 output's rounding is smallest. A key
+    that is not there (padding, a slot not filled yet) codes _ABSENT.
     """
 
-    def __init__(self, slots: int, channels: int, classes: int, grid: tuple[int, int],
-                 tiles: tuple[int, int], cfg: PropagationConfig, device: torch.device):
+    def __init__(self, slots: int, grid: tuple[int, int], tiles: tuple[int, int], channels: int, classes: int,
+                 radius: float | None, cfg: PropagationConfig, centre: Tensor | None, device: torch.device):
         self.h, self.w = grid
-        self.r = r = int(math.floor(cfg.radius))
-        self.span = span = _TILE + 2 * r
-        hp, wp = tiles[0] * _TILE + 2 * r, tiles[1] * _TILE + 2 * r
-        self.feats = torch.zeros(hp, slots, wp, channels, device=device)
-        self.labs = torch.zeros(hp, slots, wp, classes, device=device)
-        self.filled = 0
-        # Whether key (a, b) of a tile's (R, R) key block, which starts r cells above and
-        # left of the tile, is within the radius of the tile's query (u, v): (R, 1, R, T*T).
-        u = torch.arange(_TILE, device=device)
-        d = (torch.arange(span, device=device)[:, None] - r - u[None, :]).float()  # (R, T) offsets
-        dy, dx = d[:, None, :, None], d[None, :, None, :]  # over (a, b, u, v)
-        if cfg.radius_shape == "circle":
-            reach = dy * dy + dx * dx <= cfg.radius ** 2
+        self.slots, self.filled = slots, 0  # slots are filled in order, so the filled ones are a prefix
+        self.centre = centre  # (C,), or None: no shortlist
+        if radius is None:
+            self.r, self.margin = None, 0
+            self.span = (self.h, _RUN * -(-self.w // _RUN))
+            rows, cols = self.span
         else:
-            reach = torch.maximum(dy.abs(), dx.abs()) <= cfg.radius
-        self.reach = reach.reshape(span, 1, span, _TILE * _TILE)
+            self.r = self.margin = r = int(math.floor(radius))
+            self.span = (_TILE[0] + 2 * r, _RUN * -(-(_TILE[1] + 2 * r) // _RUN))
+            rows, cols = tiles[0] * _TILE[0] + 2 * r, (tiles[1] - 1) * _TILE[1] + self.span[1]
+        self.feats = torch.zeros(rows, cols, slots, channels, device=device)
+        self.labs = torch.zeros(rows, cols, slots, classes, device=device)
+        self.absent = torch.full((rows, cols, slots), -math.inf, device=device)  # 0 where a key is
+        if centre is not None:
+            # Per key, ||k~ - (k - c)|| and max(||k - c||, ||k~||) for k~ its code's
+            # rounded k - c, rounded up to float32: (rows, cols, S, 2).
+            self.key_errors = torch.zeros(rows, cols, slots, 2, device=device)
+            # Per slot, maxima over its keys of |beta_hi + beta_lo - beta|, |beta_hi| +
+            # |beta_lo|, max(||k - c||, ||k~||) and ||k||.
+            self.errors = torch.zeros(slots, 4, dtype=torch.float64, device=device)
+            # One copy of the codes per column of tiles, (bands, rows, B, S, C'), so
+            # that every tile's block is one matrix: matmuls in bfloat16 are only fast
+            # on contiguous operands. A dense group's block is the whole buffer.
+            bands = 1 if radius is None else tiles[1]
+            self.codes = torch.zeros(bands, rows, self.span[1], slots, _code_width(channels), dtype=torch.bfloat16,
+                                     device=device)
+            self.codes[..., channels] = _ABSENT
+        if radius is not None:
+            # Whether key (a, b) of the block is within the radius of the tile's query
+            # (u, v): a 0 / -inf bias (R * B, Q); per run, whether all of its keys are,
+            # and a 0 / -inf bias for whether any is, (R, B / _RUN, 1, Q).
+            u, v = (torch.arange(n, device=device) for n in _TILE)
+            dy = (torch.arange(self.span[0], device=device)[:, None] - r - u).float()[:, None, :, None]
+            dx = (torch.arange(self.span[1], device=device)[:, None] - r - v).float()[None, :, None, :]
+            if cfg.radius_shape == "circle":
+                reach = dy * dy + dx * dx <= radius ** 2
+            else:
+                reach = torch.maximum(dy.abs(), dx.abs()) <= radius
+            reach = reach.reshape(self.span[0], self.span[1], -1)  # (R, B, Q)
+            self.reach = torch.zeros(reach.shape, device=device).masked_fill_(~reach, -math.inf).flatten(0, 1)
+            runs = reach.unflatten(1, (-1, _RUN))
+            self.run_all = runs.all(2)[:, :, None]
+            self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[3]), device=device).masked_fill_(
+                ~runs.any(2)[:, :, None], -math.inf)  # 0 where some key of the run is within reach
 
     def write(self, slot: int, feat: Tensor, labels: Tensor) -> None:
-        r = self.r
-        self.feats[r:r + self.h, slot, r:r + self.w] = feat.permute(1, 2, 0)
-        self.labs[r:r + self.h, slot, r:r + self.w] = labels.permute(1, 2, 0)
+        cells = (slice(self.margin, self.margin + self.h), slice(self.margin, self.margin + self.w), slot)
+        keys = feat.permute(1, 2, 0)  # (h, w, C)
+        self.feats[cells] = keys
+        self.labs[cells] = labels.permute(1, 2, 0)
+        self.absent[cells] = 0
+        if self.centre is None:
+            return
+        code, off, size = _code(keys, self.centre)  # (h, w, C), (h, w), (h, w)
+        c = self.centre.double()
+        beta = keys.double() @ c - c @ c  # c . (k - c), (h, w)
+        hi = beta.bfloat16()
+        lo = (beta - hi.double()).bfloat16()
+        channels = keys.shape[-1]
+        codes = torch.zeros(*self.absent.shape[:2], _code_width(channels), dtype=torch.bfloat16,
+                            device=keys.device)  # (rows, cols, C')
+        codes[..., channels] = _ABSENT
+        codes[cells[:2] + (slice(None, channels + 3),)] = torch.cat(
+            [code, hi[..., None], lo[..., None], torch.ones_like(hi)[..., None]], -1)
+        self.codes[:, :, :, slot] = codes.unfold(1, self.span[1], _TILE[1]).permute(1, 0, 3, 2)
+        self.key_errors[cells] = torch.stack([off, size], -1)
+        hi, lo = hi.double(), lo.double()
+        self.errors[slot] = torch.stack([(hi + lo - beta).abs().max(), (hi.abs() + lo.abs()).max(), size.max(),
+                                         keys.norm(dim=-1).max() * (1 + 2.0 ** -10)])
 
-    def candidates(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
-        """Unreachable and out-of-frame keys score -inf."""
-        r, s, span = self.r, self.filled, self.span
-        block = self.feats[y0:y0 + span, :s, x0:x0 + span]  # (R, S, R, C); padded y0 is the block's top
-        scores = torch.matmul(block.reshape(span * s, span, -1), q.T).view(span, s, span, -1)  # (R, S, R, Q)
-        rows = torch.arange(y0 - r, y0 - r + span, device=q.device)
-        cols = torch.arange(x0 - r, x0 - r + span, device=q.device)
-        in_frame = ((rows >= 0) & (rows < self.h))[:, None, None, None] & ((cols >= 0) & (cols < self.w))[:, None]
-        scores.masked_fill_(~(self.reach & in_frame), -math.inf)
-        return scores, self.labs[y0:y0 + span, :s, x0:x0 + span]
+    def _block(self, y0: int, x0: int) -> tuple[int, int]:
+        """Where the tile whose top-left cell is (y0, x0) meets the buffers: the block's top-left."""
+        return (0, 0) if self.r is None else (y0, x0)
+
+    def approximate(self, codes: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Approximate scores (R * B * S, Q) of the block's keys for queries coded (Q, C');
+        each run's best of them (R * B / _RUN * S, Q), over every run, to shortlist, and
+        over the runs with every key within reach, which are scores of real keys, for
+        the lower bound; and the maxima of the runs' key errors (R * B / _RUN * S, 2)."""
+        top, left = self._block(y0, x0)
+        (rows, cols), s = self.span, self.slots
+        block = self.codes[left // _TILE[1], top:top + rows]  # (R, B, S, C')
+        scores = torch.matmul(block.reshape(rows * cols * s, -1), codes.T)
+        best = scores.view(rows, cols // _RUN, _RUN, s, -1).amax(2).float()  # (R, B / _RUN, S, Q)
+        errors = self.key_errors[top:top + rows, left:left + cols].unflatten(1, (-1, _RUN)).amax(2).view(-1, 2)
+        if self.r is None:
+            return scores, best.view(-1, len(codes)), best.view(-1, len(codes)), errors
+        real = best.masked_fill(~self.run_all, -math.inf)
+        return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
+
+    def exact(self, q: Tensor, y0: int, x0: int, runs: Tensor, approximate: Tensor, weights: Tensor,
+              theta: Tensor) -> tuple[Tensor, Tensor]:
+        """float64 scores (N, Q) of queries (Q, C) against the keys of the given runs
+        (indices into the block's runs) whose approximate score plus its error bound,
+        key errors (2,) @ ``weights`` (2, Q), reaches ``theta`` (Q,) for some query, -inf
+        where a key is out of reach or not there, and the keys' labels (N, K)."""
+        top, left = self._block(y0, x0)
+        (rows, cols), s = self.span, self.slots
+        row, rest = torch.div(runs, cols // _RUN * s, rounding_mode="floor"), runs % (cols // _RUN * s)
+        col = torch.div(rest, s, rounding_mode="floor") * _RUN
+        col = (col[:, None] + torch.arange(_RUN, device=runs.device)).flatten()  # (N',) within the block
+        row, slot = row.repeat_interleave(_RUN), (rest % s).repeat_interleave(_RUN)
+        keys = ((top + row) * self.feats.shape[1] + left + col) * s + slot  # (N',)
+        bound = self.key_errors.view(-1, 2).index_select(0, keys)
+        bound = torch.addmm(approximate.index_select(0, (row * cols + col) * s + slot).float(), bound, weights)
+        if self.r is not None:
+            reach = self.reach.index_select(0, row * cols + col)
+            bound += reach
+        keep = (bound >= theta).any(1).nonzero().squeeze(1)
+        keys = keys[keep]  # (N,)
+        feats = self.feats.view(-1, self.feats.shape[-1]).index_select(0, keys).double()
+        scores = torch.addmm(self.absent.view(-1, 1).index_select(0, keys).double(), feats, q.T)  # (N, Q)
+        if self.r is not None:
+            scores += reach[keep]
+        return scores, self.labs.view(-1, self.labs.shape[-1]).index_select(0, keys)
+
+    def exact_all(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
+        """float32 scores (N, S', Q) of queries (Q, C) against every key of the block in
+        the S' filled slots, -inf where out of reach or not there, and their labels (N, S', K)."""
+        top, left = self._block(y0, x0)
+        (rows, cols), s = self.span, self.filled
+        feats = self.feats[top:top + rows, left:left + cols, :s]  # (R, B, S', C)
+        scores = torch.matmul(feats, q.T) + self.absent[top:top + rows, left:left + cols, :s, None]
+        scores = scores.flatten(0, 1)  # (R * B, S', Q)
+        if self.r is not None:
+            scores += self.reach[:, None]
+        return scores, self.labs[top:top + rows, left:left + cols, :s].flatten(0, 1)
 
 
 class _Propagator:
-    """The state of one propagation: the context buffers and the per-frame step."""
+    """The state of one propagation: the context buffers and the per-frame step.
+
+    ``shortlist``: whether tiles shortlist keys in bfloat16 (:meth:`_shortlisted`). It
+    needs one softmax over the kept keys and a joint top-k, as a per-frame softmax needs
+    every score; and the CPU, whose bfloat16 matmuls accumulate in float32 as the error
+    bound assumes (a GPU's may accumulate in reduced precision).
+    """
 
     def __init__(self, first: Tensor, first_labels: Tensor, cfg: PropagationConfig) -> None:
         if first.dim() != 3:
@@ -298,21 +428,29 @@ class _Propagator:
         self.channels, self.h, self.w = first.shape
         self.classes = first_labels.shape[0]
         self.device = device = first.device
-        self.tiles = (-(-self.h // _TILE), -(-self.w // _TILE))
-        self.queries = torch.zeros(self.tiles[0] * _TILE, self.tiles[1] * _TILE, self.channels, device=device)
+        first = first.float()
+        self.tiles = (-(-self.h // _TILE[0]), -(-self.w // _TILE[1]))
+        self.queries = torch.zeros(self.tiles[0] * _TILE[0], self.tiles[1] * _TILE[1], self.channels, device=device)
+        self.shortlist = cfg.softmax == "kept" and not cfg.top_k_per_frame and device.type == "cpu"
+        # Any centre keeps the bound; the first frame's mean makes the centred keys short.
+        centre = first.mean((1, 2)) if self.shortlist else None
+        if self.shortlist:
+            self.codes = torch.zeros(*self.queries.shape[:2], _code_width(self.channels), dtype=torch.bfloat16,
+                                     device=device)
+            self.weights = torch.zeros(*self.queries.shape[:2], 2, device=device)
+            self.bounds = torch.zeros(2, *self.queries.shape[:2], dtype=torch.float64, device=device)
+            self.past = torch.ones(self.queries.shape[:2], dtype=torch.bool, device=device)  # cells past the grid
+            self.past[:self.h, :self.w] = False
 
         # The first frame sits in slot 0 of its group; the previous frames cycle through
         # the ring of ``cfg.context`` slots after it, or from slot 0 of a group of their own.
-        n, dims = cfg.context, (self.channels, self.classes, (self.h, self.w))
-        first_group: _DenseContext | _LocalContext
-        if cfg.radius is None:
-            first_group = ring = _DenseContext(1 + n, *dims, device)
-        elif cfg.radius_on_first:
-            first_group = ring = _LocalContext(1 + n, *dims, self.tiles, cfg, device)
+        n, dims = cfg.context, ((self.h, self.w), self.tiles, self.channels, self.classes)
+        if cfg.radius is None or cfg.radius_on_first:
+            first_group = ring = _Context(1 + n, *dims, cfg.radius, cfg, centre, device)
         else:
-            first_group = _DenseContext(1, *dims, device)
-            ring = _LocalContext(n, *dims, self.tiles, cfg, device)
-        first_group.write(0, first.float(), first_labels.to(device, torch.float32))
+            first_group = _Context(1, *dims, None, cfg, centre, device)
+            ring = _Context(n, *dims, cfg.radius, cfg, centre, device) if n else first_group
+        first_group.write(0, first, first_labels.to(device, torch.float32))
         first_group.filled = 1
         self.groups = [first_group] if ring is first_group else [first_group, ring]
         self.ring, self.ring_start = ring, 1 if ring is first_group else 0
@@ -325,13 +463,26 @@ class _Propagator:
             raise ValueError(f"features of shape {tuple(feat.shape)} after a first frame of "
                              f"{(self.channels, self.h, self.w)}: every frame must have the same grid")
         feat = feat.to(self.device, torch.float32)
-        self.queries[:self.h, :self.w] = feat.permute(1, 2, 0) / self.cfg.temperature
+        self.queries[:self.h, :self.w] = feat.permute(1, 2, 0)
+        if self.shortlist:
+            self._code_queries(feat)
         out = torch.empty(self.h, self.w, self.classes, device=self.device)  # (h, w, K)
-        for y0 in range(0, self.h, _TILE):
-            for x0 in range(0, self.w, _TILE):
-                q = self.queries[y0:y0 + _TILE, x0:x0 + _TILE].reshape(_TILE * _TILE, self.channels)
-                pred = self._tile(q, y0, x0).view(_TILE, _TILE, self.classes)
-                out[y0:y0 + _TILE, x0:x0 + _TILE] = pred[:self.h - y0, :self.w - x0]
+        for y0 in range(0, self.h, _TILE[0]):
+            for x0 in range(0, self.w, _TILE[1]):
+                tile = (slice(y0, y0 + _TILE[0]), slice(x0, x0 + _TILE[1]))
+                q = self.queries[tile].flatten(0, 1)  # (Q, C)
+                if self.shortlist:
+                    values, labels = self._shortlisted(
+                        q.double(), self.codes[tile].flatten(0, 1), self.weights[tile].flatten(0, 1).T,
+                        self.bounds[:, *tile].flatten(1), self.past[tile].flatten(), y0, x0)
+                else:
+                    values, labels = self._scored(q, y0, x0)
+                if self.cfg.softmax == "kept":
+                    weights = values.softmax(dim=0)
+                else:
+                    weights = values.exp() / sum(g.filled for g in self.groups)
+                pred = torch.einsum("mq,mqk->qk", weights.float(), labels).view(*_TILE, self.classes)
+                out[tile] = pred[:self.h - y0, :self.w - x0]
         pred = out.permute(2, 0, 1).contiguous()  # (K, h, w)
         if self.cfg.minmax:
             pred = minmax_normalize(pred)
@@ -342,39 +493,109 @@ class _Propagator:
         self.seen += 1
         return pred
 
-    def _tile(self, q: Tensor, y0: int, x0: int) -> Tensor:
-        """Predicted labels (Q, K) for the Q = T*T queries (already divided by the
-        temperature) of the tile whose top-left cell is (y0, x0)."""
-        kept = [self._select(*g.candidates(q, y0, x0)) for g in self.groups if g.filled]
+    def _code_queries(self, feat: Tensor) -> None:
+        """The queries' bfloat16 codes [q - c, 1, 1, -t], and per query the terms of the
+        bound on how far an approximate score A is from the exact one less q . c + t.
+
+        With q~ the rounded q - c and k~, beta~ the rounded k - c, c . (k - c), the
+        matmul sums q~ . k~ + beta~ - t, and q~ . k~ - (q - c) . (k - c) = q~ . (k~ - (k - c))
+        + (q~ - (q - c)) . (k - c), which Cauchy-Schwarz bounds by ||q~|| ||k~ - (k - c)||
+        + ||q~ - (q - c)|| ||k - c||: a key's error terms weighted by the query's,
+        ``weights`` (h, w, 2). Besides, per query (``bounds``): e, beta~'s own error plus
+        the float32 sum's, at most gamma_(C+3) times the sum of the terms' magnitudes; and
+        e64, the float64 exact score's. The bfloat16 rounding of the sum is bounded
+        apart, relative to A."""
+        c = self.groups[0].centre
+        q = feat.permute(1, 2, 0)  # (h, w, C)
+        code, off, norm = _code(q, c)
+        shift = (1 - q @ c).bfloat16()  # t ~ 1 - q . c: the best scores q . k are near 1
+        self.codes[:self.h, :self.w, :self.channels + 3] = torch.cat(
+            [code, torch.ones_like(shift)[..., None].expand(-1, -1, 2), -shift[..., None]], -1)
+        self.weights[:self.h, :self.w] = torch.stack([norm, off], -1)
+        db, pb, size, kmax = torch.cat([g.errors[:g.filled] for g in self.groups]).amax(0).tolist()
+        norm, shift = norm.double(), shift.double()
+        sums = _gamma(self.channels + 3, _U_F32) * (norm * size + pb + shift.abs())
+        self.bounds[0, :self.h, :self.w] = db + sums + 2.0 ** -100  # bfloat16's subnormals are flushed
+        q_norm = q.norm(dim=-1).double() * (1 + 2.0 ** -10)
+        self.bounds[1, :self.h, :self.w] = _gamma(self.channels, _U_F64) * q_norm * kmax
+
+    def _shortlisted(self, q: Tensor, codes: Tensor, weights: Tensor, bounds: Tensor, past: Tensor, y0: int,
+                     x0: int) -> tuple[Tensor, Tensor]:
+        """The kept scores / temperature (k, Q) and their labels (k, Q, K) for the tile's
+        queries (Q, C), from the keys that the bfloat16 pass cannot rule out; queries
+        past the grid rule out all.
+
+        The keys' approximate scores give each run's best (a run: neighbouring cells of
+        one row of one frame), and the k-th best of those a lower bound on the k-th best
+        exact score. Runs whose best, and then keys whose score, plus its error bound
+        cannot reach it are ruled out; the rest are scored in float64 and ranked.
+
+        Per key, the exact score less q . c + t, S, is within e + e_key of the bfloat16
+        matmul's float32 sum s (see :meth:`_code_queries`), and s within u |s| of its
+        rounding A, so |s| <= |A| / (1 - u). All the bounds below follow from these, with
+        f(A) = A - _U |A| <= the inverse of A + u |A| / (1 - u), which is increasing.
+        """
+        k = self.cfg.top_k
+        groups = [g for g in self.groups if g.filled]
+        approximate = [g.approximate(codes, y0, x0) for g in groups]
+        # Lower bound on the k-th best S: over slabs of runs, the k-th best maximum of
+        # M - (1 + _U) e_run, v, is that of k distinct runs, and each such run's best
+        # key has S >= f(M) - e_run - e >= f(v) - _U^2 e_run - e.
+        lower = torch.cat([torch.addmm(real, errors, weights, alpha=-(1 + _U)) for _, _, real, errors in approximate])
+        slabs = lower[:len(lower) // _SLABS * _SLABS].view(_SLABS, -1, len(q)).amax(0)
+        if len(slabs) < k:
+            slabs = lower
+        kth = slabs.topk(k, dim=0).values[-1].double() if len(slabs) >= k else torch.full_like(bounds[0], -math.inf)
+        e, e64 = bounds  # (Q,) each
+        largest = (weights.double() * torch.cat([a[3] for a in approximate]).amax(0).double()[:, None]).sum(0)
+        kth = kth - _U * kth.abs() - _U * _U * largest - e
+        # A key can be among the k best (with float64's rounding) only if its S upper
+        # bound reaches kth - 2 e64; sufficient: A + (1 + _U) e_key >= y - _U |y| with
+        # y = kth - 2 e64 - e, the threshold theta.
+        y = kth - 2 * e64 - e
+        theta = y - _U * y.abs()
+        theta = (theta - (theta.abs() + 1) * _SLACK).float().masked_fill_(past, math.inf)
+        weights = weights * (1 + _U)
+        scores, labels = [], []
+        for g, (approx, best, _, errors) in zip(groups, approximate):
+            best = torch.addmm(best, errors, weights)
+            if g.r is not None:
+                best = best.view(*g.run_reach.shape[:2], -1, len(q)).add_(g.run_reach).view(-1, len(q))
+            runs = (best >= theta).any(1).nonzero().squeeze(1)
+            found, found_labels = g.exact(q, y0, x0, runs, approx, weights, theta)
+            scores.append(found)
+            labels.append(found_labels)
+        scores, labels = torch.cat(scores), torch.cat(labels)  # (N, Q), (N, K)
+        values, idx = scores.topk(min(k, len(scores)), dim=0)  # (k, Q)
+        return values / self.cfg.temperature, labels[idx]
+
+    def _scored(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
+        """The kept values (M, Q) and their labels (M, Q, K), every key scored in float32.
+        Values are scores / temperature, or per-frame log-probabilities under ``softmax='frame'``. A
+        frame with fewer than k usable keys contributes -inf values, which weigh nothing."""
+        k = self.cfg.top_k
+        kept = []
+        for g in self.groups:
+            if not g.filled:
+                continue
+            scores, labels = g.exact_all(q, y0, x0)  # (N, S, Q), (N, S, K)
+            scores /= self.cfg.temperature
+            if self.cfg.softmax == "frame":
+                scores = scores - scores.logsumexp(dim=0, keepdim=True)
+            if self.cfg.top_k_per_frame:
+                values, idx = scores.topk(min(k, len(scores)), dim=0)  # (k, S, Q)
+                slot = torch.arange(scores.shape[1], device=q.device)[:, None]
+                kept.append((values.flatten(0, 1), labels[idx, slot].flatten(0, 1)))
+            else:
+                values, idx = scores.flatten(0, 1).topk(min(k, scores.shape[0] * scores.shape[1]), dim=0)
+                kept.append((values, labels.flatten(0, 1)[idx]))
         values = torch.cat([v for v, _ in kept])  # (M, Q)
         labels = torch.cat([lab for _, lab in kept])  # (M, Q, K)
         if len(kept) > 1 and not self.cfg.top_k_per_frame:
             # The joint top-k lies within the union of each group's own top-k.
-            values, idx = values.topk(min(self.cfg.top_k, len(values)), dim=0)
+            values, idx = values.topk(min(k, len(values)), dim=0)
             labels = labels.gather(0, idx[..., None].expand(-1, -1, self.classes))
-        if self.cfg.softmax == "kept":
-            weights = values.softmax(dim=0)
-        else:
-            weights = values.exp() / sum(g.filled for g in self.groups)
-        return torch.einsum("mq,mqk->qk", weights, labels)
-
-    def _select(self, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """The kept values (M, Q) and their labels (M, Q, K) from scores (A, S, B, Q) and
-        labels (A, S, B, K) of S frames. Values are scores, or per-frame log-probabilities
-        under ``softmax='frame'``. A frame with fewer than k usable keys contributes -inf
-        values, which weigh nothing."""
-        a, s, b, q = scores.shape
-        k = self.cfg.top_k
-        if self.cfg.softmax == "frame":
-            scores = scores - scores.logsumexp(dim=(0, 2), keepdim=True)
-        if self.cfg.top_k_per_frame:
-            per_frame = scores.transpose(0, 1).reshape(s, a * b, q)
-            values, idx = per_frame.topk(min(k, a * b), dim=1)  # (S, k, Q)
-            frame = torch.arange(s, device=scores.device)[:, None, None]
-            labels = labels.transpose(0, 1).reshape(s, a * b, -1)[frame, idx]  # (S, k, Q, K)
-            return values.flatten(0, 1), labels.flatten(0, 1)
-        values, idx = scores.reshape(-1, q).topk(min(k, a * s * b), dim=0)  # (k, Q)
-        return values, labels.reshape(a * s * b, -1)[idx]
+        return values, labels
 
 
 def minmax_normalize(labels: Tensor) -> Tensor:
