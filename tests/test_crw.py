@@ -254,7 +254,8 @@ def videos(tmp_path_factory):
 
 def test_training_resumes_exactly_and_loads_as_an_encoder(videos, tmp_path):
     """The shared loop trains CRW: the encoder learns from the first step (cpu-small's
-    warm-up is TimeCycle's), the history logs each walk's loss and accuracy, a resumed run
+    warm-up is TimeCycle's), the history logs each walk's loss and accuracy and
+    TensorBoard the walk figure, a resumed run
     repeats an uninterrupted one (edge dropout draws included), and the checkpoint loads
     with load_model (the encoder) and load_timecycle (the encoder under a fresh tracker)."""
     cfg = tiny_run_config()
@@ -275,7 +276,9 @@ def test_training_resumes_exactly_and_loads_as_an_encoder(videos, tmp_path):
 
     events = EventAccumulator(str(tmp_path / "a" / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"loss/total", "loss/walk2", "loss/walk3", "accuracy/acc2", "accuracy/acc"} <= set(events.Tags()["scalars"])
-    assert events.Tags()["images"] == []  # the cycle figure is TimeCycle's
+    assert events.Tags()["images"] == ["cycle"]  # the walk figure, at step 1
+    image = events.Images("cycle")[0]
+    assert image.step == 1 and (image.width, image.height) == (4 * 48 + 3 * 4, 48)  # 4 frames of 48 px
 
     trained = build_model(cfg)
     trained.load_state_dict(a["model"])

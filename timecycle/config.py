@@ -168,7 +168,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints, besides one at every epoch's end
     keep_epoch_checkpoints: bool = True  # also keep each epoch's as checkpoint_epochNNN.pt
     log_every: int = 10  # steps between TensorBoard scalars
-    image_every: int = 500  # steps between TensorBoard cycle figures
+    image_every: int = 500  # steps between TensorBoard cycle figures (CRW: walk figures)
     seed: int = 0
     amp: bool = True  # bf16 autocast, on GPU only
     channels_last: bool = True  # on GPU only, where cuDNN's convolutions prefer it

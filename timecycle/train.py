@@ -347,11 +347,15 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: str | Pat
                 writer.add_scalar(_tag(k), v, progress.step)
             writer.add_scalar("lr", optimizer.param_groups[0]["lr"], progress.step)
             writer.add_scalar("clips_per_s", rate, progress.step)
-        if rank == 0 and "cycle_thetas" in losses and (progress.step % cfg.image_every == 0 or progress.step == 1):
-            from timecycle.viz import cycle_figure  # TimeCycle's; CRW logs scalars only
+        if rank == 0 and (progress.step % cfg.image_every == 0 or progress.step == 1):
+            # A loss curve cannot tell features that follow the content from a shortcut; the picture can.
+            from timecycle.viz import cycle_figure, model_walk_figure
 
-            figure = cycle_figure(batch["clip"][0], batch["target"][0], losses["cycle_thetas"][0].float().cpu(),
-                                  batch["theta"][0])
+            if "cycle_thetas" in losses:
+                figure = cycle_figure(batch["clip"][0], batch["target"][0],
+                                      losses["cycle_thetas"][0].float().cpu(), batch["theta"][0])
+            else:  # CRW: the first clip's walk from its centre node, on the unjittered grid
+                figure = model_walk_figure(model, batch["clip"][0], start=len(model.grid_theta) // 2)
             writer.add_image("cycle", figure, progress.step, dataformats="HWC")
 
         end_of_epoch = progress.epoch_step == steps_per_epoch
