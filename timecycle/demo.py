@@ -69,9 +69,9 @@ class DemoConfig:
     """Sizes and budgets of one demo run; the defaults fit 10 minutes on 2 CPU cores."""
 
     minutes: float | None = 5.0  # training budget (training time, data generation and evaluation excluded)
-    # CRW by default: on these videos and this budget it beats the initialisation even with
-    # the BatchNorm statistics re-estimated (J-Mean 0.48 -> 0.53 after 48 steps in
-    # tests/test_crw.py), while cpu-small's TimeCycle objective does not yet (issue 3).
+    # CRW by default: it gains more per step on these videos (J-Mean 0.48 -> 0.53 over the
+    # initialisation with re-estimated BatchNorm statistics after 48 steps, tests/test_crw.py),
+    # where cpu-small's TimeCycle needs 150, the first 50 for its tracker alone (tests/test_train.py).
     objective: str = "crw"
     max_steps: int | None = None  # stop training after this many steps as well
     train_clips: int = 64  # synthetic training videos

@@ -365,9 +365,7 @@ class _Context:
         scores = torch.matmul(block.reshape(rows * cols * s, -1), codes.T)
         best = scores.view(rows, cols // _RUN, _RUN, s, -1).amax(2).float()  # (R, B / _RUN, S, Q)
         errors = self.key_errors[top:top + rows, left:left + cols].unflatten(1, (-1, _RUN)).amax(2).view(-1, 2)
-        if self.r is None:
-            return scores, best.view(-1, len(codes)), best.view(-1, len(codes)), errors
-        real = best.masked_fill(~self.run_all, -math.inf)
+        real = best if self.r is None else best.masked_fill(~self.run_all, -math.inf)
         return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
 
     def exact(self, q: Tensor, y0: int, x0: int, runs: Tensor, approximate: Tensor, weights: Tensor,
@@ -377,7 +375,7 @@ class _Context:
         key errors (2,) @ ``weights`` (2, Q), reaches ``theta`` (Q,) for some query, -inf
         where a key is out of reach or not there, and the keys' labels (N, K)."""
         top, left = self._block(y0, x0)
-        (rows, cols), s = self.span, self.slots
+        cols, s = self.span[1], self.slots
         row, rest = torch.div(runs, cols // _RUN * s, rounding_mode="floor"), runs % (cols // _RUN * s)
         col = torch.div(rest, s, rounding_mode="floor") * _RUN
         col = (col[:, None] + torch.arange(_RUN, device=runs.device)).flatten()  # (N',) within the block
