@@ -187,7 +187,9 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     for y0, x0 in [(0, 0), (0, 16)]:
         tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
         codes = engine.codes[tile].flatten(0, 1)
-        approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q)
+        approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q), band by band
+        rows, cols, slots = group.feats.shape[:3]
+        approximate = approximate.view(cols // 8, rows, 8, slots, -1).transpose(0, 1).reshape(-1, len(codes))
         q = feats[3].permute(1, 2, 0)[tile].flatten(0, 1).double()  # (Q, C), cells past the grid are 0
         keys = group.feats.flatten(0, 2).double()  # (N, C)
         shift = codes[:, channels + 2].double()  # -t

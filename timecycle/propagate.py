@@ -24,10 +24,11 @@ then rules out most keys, run by run of neighbouring cells and then key by key, 
 only the rest are scored, in float64, and ranked. No key that an exact computation
 would keep is ever ruled out, however close the scores, so the result is the exact
 one by construction, near-ties ranked as in float64. Other settings (a per-frame
-softmax or top-k) and other devices score every key in float32. The price is memory:
-bfloat16 matmuls are only fast on contiguous blocks, so the codes are kept once per
-column of tiles, four copies of every key within CRW's radius; at 480p, a ResNet-50's
-(1024 channels) context of 20 frames then takes about 2.6 GB, a ResNet-18's 0.7 GB.
+softmax or top-k) and other devices score every key in float32. bfloat16 matmuls are
+only fast on contiguous operands, so the codes are stored in bands one run wide, in
+which a tile's block is a few contiguous matrices, every key stored once: at 480p, the
+codes of CRW's 20 context frames take 0.5 GB for a ResNet-50 (1024 channels), besides
+1 GB of float32 features, and 0.13 GB for a ResNet-18.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
@@ -300,17 +301,17 @@ class _Context:
             # Per slot, maxima over its keys of |beta_hi + beta_lo - beta|, |beta_hi| +
             # |beta_lo|, max(||k - c||, ||k~||) and ||k||.
             self.errors = torch.zeros(slots, 4, dtype=torch.float64, device=device)
-            # One copy of the codes per column of tiles, (bands, rows, B, S, C'), so
-            # that every tile's block is one matrix: matmuls in bfloat16 are only fast
-            # on contiguous operands. A dense group's block is the whole buffer.
-            bands = 1 if radius is None else tiles[1]
-            self.codes = torch.zeros(bands, rows, self.span[1], slots, _code_width(channels), dtype=torch.bfloat16,
+            # The codes in bands of one run's width, (cols / _RUN, rows, _RUN, S, C'):
+            # matmuls in bfloat16 are only fast on contiguous operands, and a block's
+            # rows of one band are contiguous, so a tile's block is a few matrices (the
+            # whole buffer, one matrix, for a dense group), every code stored once.
+            self.codes = torch.zeros(cols // _RUN, rows, _RUN, slots, _code_width(channels), dtype=torch.bfloat16,
                                      device=device)
             self.codes[..., channels] = _ABSENT
         if radius is not None:
             # Whether key (a, b) of the block is within the radius of the tile's query
             # (u, v): a 0 / -inf bias (R * B, Q); per run, whether all of its keys are,
-            # and a 0 / -inf bias for whether any is, (R, B / _RUN, 1, Q).
+            # and a 0 / -inf bias for whether any is, (B / _RUN, R, 1, Q).
             u, v = (torch.arange(n, device=device) for n in _TILE)
             dy = (torch.arange(self.span[0], device=device)[:, None] - r - u).float()[:, None, :, None]
             dx = (torch.arange(self.span[1], device=device)[:, None] - r - v).float()[None, :, None, :]
@@ -321,6 +322,7 @@ class _Context:
             reach = reach.reshape(self.span[0], self.span[1], -1)  # (R, B, Q)
             self.reach = torch.zeros(reach.shape, device=device).masked_fill_(~reach, -math.inf).flatten(0, 1)
             runs = reach.unflatten(1, (-1, _RUN))
+            runs = runs.transpose(0, 1)  # (B / _RUN, R, _RUN, Q), as the block's runs are ordered
             self.run_all = runs.all(2)[:, :, None]
             self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[3]), device=device).masked_fill_(
                 ~runs.any(2)[:, :, None], -math.inf)  # 0 where some key of the run is within reach
@@ -344,7 +346,7 @@ class _Context:
         codes[..., channels] = _ABSENT
         codes[cells[:2] + (slice(None, channels + 3),)] = torch.cat(
             [code, hi[..., None], lo[..., None], torch.ones_like(hi)[..., None]], -1)
-        self.codes[:, :, :, slot] = codes.unfold(1, self.span[1], _TILE[1]).permute(1, 0, 3, 2)
+        self.codes[:, :, :, slot] = codes.unflatten(1, (-1, _RUN)).transpose(0, 1)
         self.key_errors[cells] = torch.stack([off, size], -1)
         hi, lo = hi.double(), lo.double()
         self.errors[slot] = torch.stack([(hi + lo - beta).abs().max(), (hi.abs() + lo.abs()).max(), size.max(),
@@ -355,16 +357,24 @@ class _Context:
         return (0, 0) if self.r is None else (y0, x0)
 
     def approximate(self, codes: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Approximate scores (R * B * S, Q) of the block's keys for queries coded (Q, C');
-        each run's best of them (R * B / _RUN * S, Q), over every run, to shortlist, and
-        over the runs with every key within reach, which are scores of real keys, for
-        the lower bound; and the maxima of the runs' key errors (R * B / _RUN * S, 2)."""
+        """Approximate scores (B / _RUN * R * _RUN * S, Q) of the block's keys for queries
+        coded (Q, C'), band by band as the codes are stored; each run's best of them
+        (B / _RUN * R * S, Q), over every run, to shortlist, and over the runs with every
+        key within reach, which are scores of real keys, for the lower bound; and the
+        maxima of the runs' key errors (B / _RUN * R * S, 2)."""
         top, left = self._block(y0, x0)
         (rows, cols), s = self.span, self.slots
-        block = self.codes[left // _TILE[1], top:top + rows]  # (R, B, S, C')
-        scores = torch.matmul(block.reshape(rows * cols * s, -1), codes.T)
-        best = scores.view(rows, cols // _RUN, _RUN, s, -1).amax(2).float()  # (R, B / _RUN, S, Q)
-        errors = self.key_errors[top:top + rows, left:left + cols].unflatten(1, (-1, _RUN)).amax(2).view(-1, 2)
+        block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, _RUN, S, C')
+        if block.is_contiguous():
+            scores = torch.mm(block.view(-1, block.shape[-1]), codes.T)
+        else:
+            scores = torch.empty(len(block), rows * _RUN * s, len(codes), dtype=codes.dtype, device=codes.device)
+            for band, out in zip(block, scores):
+                torch.mm(band.reshape(-1, band.shape[-1]), codes.T, out=out)
+            scores = scores.view(-1, len(codes))
+        best = scores.view(cols // _RUN, rows, _RUN, s, -1).amax(2).float()  # (B / _RUN, R, S, Q)
+        errors = self.key_errors[top:top + rows, left:left + cols].unflatten(1, (-1, _RUN)).amax(2)
+        errors = errors.transpose(0, 1).reshape(-1, 2)
         real = best if self.r is None else best.masked_fill(~self.run_all, -math.inf)
         return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
 
@@ -375,14 +385,16 @@ class _Context:
         key errors (2,) @ ``weights`` (2, Q), reaches ``theta`` (Q,) for some query, -inf
         where a key is out of reach or not there, and the keys' labels (N, K)."""
         top, left = self._block(y0, x0)
-        cols, s = self.span[1], self.slots
-        row, rest = torch.div(runs, cols // _RUN * s, rounding_mode="floor"), runs % (cols // _RUN * s)
-        col = torch.div(rest, s, rounding_mode="floor") * _RUN
-        col = (col[:, None] + torch.arange(_RUN, device=runs.device)).flatten()  # (N',) within the block
-        row, slot = row.repeat_interleave(_RUN), (rest % s).repeat_interleave(_RUN)
+        (rows, cols), s = self.span, self.slots
+        band = torch.div(runs, rows * s, rounding_mode="floor")  # runs are ordered (band, row, slot)
+        row, slot = torch.div(runs, s, rounding_mode="floor") % rows, runs % s
+        run = ((band * rows + row) * _RUN)[:, None] + torch.arange(_RUN, device=runs.device)  # (runs, _RUN)
+        col = (band * _RUN)[:, None] + torch.arange(_RUN, device=runs.device)
+        run, col = run.flatten(), col.flatten()  # (N',) each, within the block
+        row, slot = row.repeat_interleave(_RUN), slot.repeat_interleave(_RUN)
         keys = ((top + row) * self.feats.shape[1] + left + col) * s + slot  # (N',)
         bound = self.key_errors.view(-1, 2).index_select(0, keys)
-        bound = torch.addmm(approximate.index_select(0, (row * cols + col) * s + slot).float(), bound, weights)
+        bound = torch.addmm(approximate.index_select(0, run * s + slot).float(), bound, weights)
         if self.r is not None:
             reach = self.reach.index_select(0, row * cols + col)
             bound += reach
