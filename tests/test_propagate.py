@@ -16,6 +16,7 @@ from PIL import Image
 
 from timecycle.model.encoder import Encoder
 from timecycle.propagate import (
+    _RUN,
     PRESETS,
     InputSize,
     PropagationConfig,
@@ -189,7 +190,7 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
         codes = engine.codes[tile].flatten(0, 1)
         approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q), band by band
         rows, cols, slots = group.feats.shape[:3]
-        approximate = approximate.view(cols // 8, rows, 8, slots, -1).transpose(0, 1).reshape(-1, len(codes))
+        approximate = approximate.view(cols // _RUN, rows, _RUN, slots, -1).transpose(0, 1).reshape(-1, len(codes))
         q = feats[3].permute(1, 2, 0)[tile].flatten(0, 1).double()  # (Q, C), cells past the grid are 0
         keys = group.feats.flatten(0, 2).double()  # (N, C)
         shift = codes[:, channels + 2].double()  # -t

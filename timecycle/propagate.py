@@ -388,13 +388,13 @@ class _Context:
         (rows, cols), s = self.span, self.slots
         band = torch.div(runs, rows * s, rounding_mode="floor")  # runs are ordered (band, row, slot)
         row, slot = torch.div(runs, s, rounding_mode="floor") % rows, runs % s
-        run = ((band * rows + row) * _RUN)[:, None] + torch.arange(_RUN, device=runs.device)  # (runs, _RUN)
-        col = (band * _RUN)[:, None] + torch.arange(_RUN, device=runs.device)
-        run, col = run.flatten(), col.flatten()  # (N',) each, within the block
+        within = torch.arange(_RUN, device=runs.device)
+        place = (((band * rows + row) * _RUN)[:, None] + within).flatten()  # (N',) in the band-ordered block
+        col = ((band * _RUN)[:, None] + within).flatten()  # (N',) column within the block
         row, slot = row.repeat_interleave(_RUN), slot.repeat_interleave(_RUN)
         keys = ((top + row) * self.feats.shape[1] + left + col) * s + slot  # (N',)
         bound = self.key_errors.view(-1, 2).index_select(0, keys)
-        bound = torch.addmm(approximate.index_select(0, run * s + slot).float(), bound, weights)
+        bound = torch.addmm(approximate.index_select(0, place * s + slot).float(), bound, weights)
         if self.r is not None:
             reach = self.reach.index_select(0, row * cols + col)
             bound += reach
