@@ -20,6 +20,7 @@ from timecycle.propagate import (
     PRESETS,
     InputSize,
     PropagationConfig,
+    _code,
     _Context,
     _Geometry,
     _Propagator,
@@ -154,9 +155,9 @@ def test_the_presets_run_the_shortlist_and_it_is_short(monkeypatch):
     exact = _Context.exact
 
     def counting(self, *args):
-        scores, labels = exact(self, *args)
-        scored.append(len(scores))
-        return scores, labels
+        scores, labels, index = exact(self, *args)
+        scored.append(len(labels))  # the keys scored
+        return scores, labels, index
 
     monkeypatch.setattr(_Context, "exact", counting)
     g = torch.Generator().manual_seed(4)
@@ -182,7 +183,8 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     engine = _Propagator(feats[0], torch.rand(2, 16, 24), PropagationConfig(context=2, radius=None))
     for t in (1, 2):
         engine.step(feats[t])
-    engine._code_queries(feats[3])
+    cells = feats[3].permute(1, 2, 0).contiguous()
+    engine._code_queries(cells, _code(cells, engine.groups[0].centre))
     group = engine.groups[0]
     c = group.centre.double()
     for y0, x0 in [(0, 0), (0, 16)]:
@@ -216,6 +218,19 @@ def test_near_ties_keep_the_exact_top_k(spread):
         for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
 
+
+
+@pytest.mark.parametrize("h, w, context", [(2, 2, 1), (3, 3, 2), (1, 5, 3), (3, 4, 0)])
+def test_fewer_keys_than_top_k_keep_every_key(h, w, context):
+    """With fewer keys within reach than top_k, no bound can rule any out: every key
+    there is kept and weighted, and none out of reach or not there yet."""
+    g = torch.Generator().manual_seed(h * w + context)
+    feats = F.normalize(torch.randn(5, 16, h, w, generator=g).relu() + 0.01, dim=1)
+    first = torch.rand(2, h, w, generator=g)
+    for name in ("crw", "dino"):
+        cfg = dataclasses.replace(preset(name), context=context, radius=1.0)
+        for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
 
 # ----------------------------------------------------------------------------- known answers
 

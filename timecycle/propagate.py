@@ -21,9 +21,10 @@ VFS) on the CPU, a tile first scores its keys in bfloat16, which the CPU's matri
 units run several times faster, with a bound on every approximate score's error
 computed from the norms of what was rounded. A lower bound on the k-th best score
 then rules out most keys, run by run of neighbouring cells and then key by key, and
-only the rest are scored, in float64, and ranked. No key that an exact computation
-would keep is ever ruled out, however close the scores, so the result is the exact
-one by construction, near-ties ranked as in float64. Other settings (a per-frame
+only the (key, query) pairs left are scored, in float64, and ranked: a sampled matmul,
+as a key that stays does so for a few of a tile's queries only. No key that an exact
+computation would keep is ever ruled out, however close the scores, so the result is
+the exact one by construction, near-ties ranked as in float64. Other settings (a per-frame
 softmax or top-k) and other devices score every key in float32. bfloat16 matmuls are
 only fast on contiguous operands, so the codes are stored in bands one run wide, in
 which a tile's block is a few contiguous matrices, every key stored once: at 480p, the
@@ -327,15 +328,17 @@ class _Context:
             self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[3]), device=device).masked_fill_(
                 ~runs.any(2)[:, :, None], -math.inf)  # 0 where some key of the run is within reach
 
-    def write(self, slot: int, feat: Tensor, labels: Tensor) -> None:
+    def write(self, slot: int, keys: Tensor, labels: Tensor,
+              coded: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """Put a frame's keys (h, w, C) and labels (K, h, w) in ``slot``; ``coded``: the
+        keys' :func:`_code` on this group's centre, when the caller has it already."""
         cells = (slice(self.margin, self.margin + self.h), slice(self.margin, self.margin + self.w), slot)
-        keys = feat.permute(1, 2, 0)  # (h, w, C)
         self.feats[cells] = keys
         self.labs[cells] = labels.permute(1, 2, 0)
         self.absent[cells] = 0
         if self.centre is None:
             return
-        code, off, size = _code(keys, self.centre)  # (h, w, C), (h, w), (h, w)
+        code, off, size = coded or _code(keys, self.centre)  # (h, w, C), (h, w), (h, w)
         c = self.centre.double()
         beta = keys.double() @ c - c @ c  # c . (k - c), (h, w)
         hi = beta.bfloat16()
@@ -378,33 +381,60 @@ class _Context:
         real = best if self.r is None else best.masked_fill(~self.run_all, -math.inf)
         return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
 
-    def exact(self, q: Tensor, y0: int, x0: int, runs: Tensor, approximate: Tensor, weights: Tensor,
-              theta: Tensor) -> tuple[Tensor, Tensor]:
-        """float64 scores (N, Q) of queries (Q, C) against the keys of the given runs
-        (indices into the block's runs) whose approximate score plus its error bound,
-        key errors (2,) @ ``weights`` (2, Q), reaches ``theta`` (Q,) for some query, -inf
-        where a key is out of reach or not there, and the keys' labels (N, K)."""
+    def exact(self, q: Tensor, y0: int, x0: int, flags: Tensor, approximate: Tensor, weights: Tensor,
+              theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """float64 scores of the (key, query) pairs that may be among the query's k best.
+
+        ``flags`` (runs, Q) says which runs of the block may hold one of a query's k best;
+        of their keys, those whose approximate score plus its error bound, key errors
+        (2,) @ ``weights`` (2, Q), reaches the query's ``theta`` (Q,) are scored. A key
+        stays for a few of the tile's queries only (about 5 of 128 at 480p), so pairs
+        are handled one by one, not as keys x queries, and scored by a sampled matmul.
+        Returns each query's scores in a row, (Q, M) padded with -inf (-inf too where a
+        key is not there), the keys' labels (N, K) and the scores' indices into them (Q, M)."""
         top, left = self._block(y0, x0)
-        (rows, cols), s = self.span, self.slots
-        band = torch.div(runs, rows * s, rounding_mode="floor")  # runs are ordered (band, row, slot)
+        (rows, cols), s, n = self.span, self.slots, len(q)
+        query, runs = flags.T.nonzero().unbind(1)  # query by query; runs are ordered (band, row, slot)
+        band = torch.div(runs, rows * s, rounding_mode="floor")
         row, slot = torch.div(runs, s, rounding_mode="floor") % rows, runs % s
         within = torch.arange(_RUN, device=runs.device)
-        place = (((band * rows + row) * _RUN)[:, None] + within).flatten()  # (N',) in the band-ordered block
-        col = ((band * _RUN)[:, None] + within).flatten()  # (N',) column within the block
-        row, slot = row.repeat_interleave(_RUN), slot.repeat_interleave(_RUN)
-        keys = ((top + row) * self.feats.shape[1] + left + col) * s + slot  # (N',)
-        bound = self.key_errors.view(-1, 2).index_select(0, keys)
-        bound = torch.addmm(approximate.index_select(0, place * s + slot).float(), bound, weights)
+        place = (((band * rows + row) * _RUN)[:, None] + within).flatten()  # (P',) in the band-ordered block
+        col = ((band * _RUN)[:, None] + within).flatten()  # (P',) column within the block
+        local = ((runs * _RUN)[:, None] + within).flatten()  # (P',) the key, numbered run by run
+        row, slot, query = (t.repeat_interleave(_RUN) for t in (row, slot, query))
+        keys = ((top + row) * self.feats.shape[1] + left + col) * s + slot  # (P',) the key in the buffers
+        bound = approximate.view(-1)[(place * s + slot) * n + query].float()
+        errors = self.key_errors.view(-1, 2)[keys]
+        bound += errors[:, 0] * weights[0, query] + errors[:, 1] * weights[1, query]
         if self.r is not None:
-            reach = self.reach.index_select(0, row * cols + col)
-            bound += reach
-        keep = (bound >= theta).any(1).nonzero().squeeze(1)
-        keys = keys[keep]  # (N,)
-        feats = self.feats.view(-1, self.feats.shape[-1]).index_select(0, keys).double()
-        scores = torch.addmm(self.absent.view(-1, 1).index_select(0, keys).double(), feats, q.T)  # (N, Q)
-        if self.r is not None:
-            scores += reach[keep]
-        return scores, self.labs.view(-1, self.labs.shape[-1]).index_select(0, keys)
+            bound += self.reach.view(-1)[(row * cols + col) * n + query]
+        keep = (bound >= theta[query]).nonzero().squeeze(1)
+        query, local, keys = query[keep], local[keep], keys[keep]  # (P,)
+        # The keys scored, numbered in the block's order: a query's pairs come in that
+        # order, so each row of the sampled matrix has its columns sorted, as CSR requires.
+        marked = torch.zeros(len(approximate), dtype=torch.bool, device=q.device)
+        marked[local] = True
+        column = (torch.cumsum(marked, 0) - 1)[local]  # (P,)
+        buffered = torch.empty(len(approximate), dtype=torch.int64, device=q.device)
+        buffered[local] = keys
+        used = buffered[marked]  # (N,) in the buffers
+        counts = torch.bincount(query, minlength=n)
+        starts = torch.zeros(n + 1, dtype=torch.int64, device=q.device)
+        torch.cumsum(counts, 0, out=starts[1:])
+        with warnings.catch_warnings():  # sparse CSR support is 'beta', which the user need not hear about
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            sampled = torch.sparse_csr_tensor(starts, column, torch.zeros(len(column), dtype=q.dtype, device=q.device),
+                                              (n, len(used)), check_invariants=False)  # valid by construction
+        feats = self.feats.view(-1, self.feats.shape[-1]).index_select(0, used).double()
+        found = torch.sparse.sampled_addmm(sampled, q, feats.T, beta=0).values()  # (P,)
+        found += self.absent.view(-1).index_select(0, keys).double()
+        place = torch.arange(len(query), device=q.device) - starts[query]  # (P,) within the query's row
+        width = int(counts.max()) if len(query) else 0
+        scores = torch.full((n, width), -math.inf, dtype=q.dtype, device=q.device)
+        scores[query, place] = found
+        index = torch.zeros((n, width), dtype=torch.int64, device=q.device)
+        index[query, place] = column
+        return scores, self.labs.view(-1, self.labs.shape[-1]).index_select(0, used), index
 
     def exact_all(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
         """float32 scores (N, S', Q) of queries (Q, C) against every key of the block in
@@ -460,7 +490,7 @@ class _Propagator:
         else:
             first_group = _Context(1, *dims, None, cfg, centre, device)
             ring = _Context(n, *dims, cfg.radius, cfg, centre, device) if n else first_group
-        first_group.write(0, first, first_labels.to(device, torch.float32))
+        first_group.write(0, first.permute(1, 2, 0).contiguous(), first_labels.to(device, torch.float32))
         first_group.filled = 1
         self.groups = [first_group] if ring is first_group else [first_group, ring]
         self.ring, self.ring_start = ring, 1 if ring is first_group else 0
@@ -472,10 +502,13 @@ class _Propagator:
         if feat.shape != (self.channels, self.h, self.w):
             raise ValueError(f"features of shape {tuple(feat.shape)} after a first frame of "
                              f"{(self.channels, self.h, self.w)}: every frame must have the same grid")
-        feat = feat.to(self.device, torch.float32)
-        self.queries[:self.h, :self.w] = feat.permute(1, 2, 0)
-        if self.shortlist:
-            self._code_queries(feat)
+        # Channels last once: the queries, their codes and the ring's keys all read it.
+        cells = feat.to(self.device, torch.float32).permute(1, 2, 0).contiguous()  # (h, w, C)
+        self.queries[:self.h, :self.w] = cells
+        # A frame's codes as queries and as keys are the same: both centred on the first frame's mean.
+        coded = _code(cells, self.groups[0].centre) if self.shortlist else None
+        if coded is not None:
+            self._code_queries(cells, coded)
         out = torch.empty(self.h, self.w, self.classes, device=self.device)  # (h, w, K)
         for y0 in range(0, self.h, _TILE[0]):
             for x0 in range(0, self.w, _TILE[1]):
@@ -498,13 +531,13 @@ class _Propagator:
             pred = minmax_normalize(pred)
         n = self.cfg.context
         if n:
-            self.ring.write(self.ring_start + self.seen % n, feat, pred)
+            self.ring.write(self.ring_start + self.seen % n, cells, pred, coded)
             self.ring.filled = self.ring_start + min(self.seen + 1, n)
         self.seen += 1
         return pred
 
-    def _code_queries(self, feat: Tensor) -> None:
-        """The queries' bfloat16 codes [q - c, 1, 1, -t], and per query the terms of the
+    def _code_queries(self, q: Tensor, coded: tuple[Tensor, Tensor, Tensor]) -> None:
+        """From queries (h, w, C) and their :func:`_code`, the queries' bfloat16 codes [q - c, 1, 1, -t], and per query the terms of the
         bound on how far an approximate score A is from the exact one less q . c + t.
 
         With q~ the rounded q - c and k~, beta~ the rounded k - c, c . (k - c), the
@@ -516,8 +549,7 @@ class _Propagator:
         e64, the float64 exact score's. The bfloat16 rounding of the sum is bounded
         apart, relative to A."""
         c = self.groups[0].centre
-        q = feat.permute(1, 2, 0)  # (h, w, C)
-        code, off, norm = _code(q, c)
+        code, off, norm = coded
         shift = (1 - q @ c).bfloat16()  # t ~ 1 - q . c: the best scores q . k are near 1
         self.codes[:self.h, :self.w, :self.channels + 3] = torch.cat(
             [code, torch.ones_like(shift)[..., None].expand(-1, -1, 2), -shift[..., None]], -1)
@@ -565,19 +597,22 @@ class _Propagator:
         y = kth - 2 * e64 - e
         theta = y - _U * y.abs()
         theta = (theta - (theta.abs() + 1) * _SLACK).float().masked_fill_(past, math.inf)
+        # Finite, so that keys out of reach (bound -inf) never pass, even with fewer than k keys there.
+        theta.clamp_(min=torch.finfo(theta.dtype).min)
         weights = weights * (1 + _U)
-        scores, labels = [], []
+        scores, labels, indices, offset = [], [], [], 0
         for g, (approx, best, _, errors) in zip(groups, approximate):
             best = torch.addmm(best, errors, weights)
             if g.r is not None:
                 best = best.view(*g.run_reach.shape[:2], -1, len(q)).add_(g.run_reach).view(-1, len(q))
-            runs = (best >= theta).any(1).nonzero().squeeze(1)
-            found, found_labels = g.exact(q, y0, x0, runs, approx, weights, theta)
+            found, found_labels, index = g.exact(q, y0, x0, best >= theta, approx, weights, theta)
             scores.append(found)
             labels.append(found_labels)
-        scores, labels = torch.cat(scores), torch.cat(labels)  # (N, Q), (N, K)
-        values, idx = scores.topk(min(k, len(scores)), dim=0)  # (k, Q)
-        return values / self.cfg.temperature, labels[idx]
+            indices.append(index + offset)
+            offset += len(found_labels)
+        scores, labels, index = torch.cat(scores, 1), torch.cat(labels), torch.cat(indices, 1)  # (Q, M), (N, K), (Q, M)
+        values, idx = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
+        return values.T / self.cfg.temperature, labels[index.gather(1, idx).T]
 
     def _scored(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
         """The kept values (M, Q) and their labels (M, Q, K), every key scored in float32.
