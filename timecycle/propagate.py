@@ -428,12 +428,12 @@ class _Context:
         feats = self.feats.view(-1, self.feats.shape[-1]).index_select(0, used).double()
         found = torch.sparse.sampled_addmm(sampled, q, feats.T, beta=0).values()  # (P,)
         found += self.absent.view(-1).index_select(0, keys).double()
-        place = torch.arange(len(query), device=q.device) - starts[query]  # (P,) within the query's row
+        position = torch.arange(len(query), device=q.device) - starts[query]  # (P,) within the query's row
         width = int(counts.max()) if len(query) else 0
         scores = torch.full((n, width), -math.inf, dtype=q.dtype, device=q.device)
-        scores[query, place] = found
+        scores[query, position] = found
         index = torch.zeros((n, width), dtype=torch.int64, device=q.device)
-        index[query, place] = column
+        index[query, position] = column
         return scores, self.labs.view(-1, self.labs.shape[-1]).index_select(0, used), index
 
     def exact_all(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
