@@ -219,7 +219,6 @@ def test_near_ties_keep_the_exact_top_k(spread):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
 
 
-
 @pytest.mark.parametrize("h, w, context", [(2, 2, 1), (3, 3, 2), (1, 5, 3), (3, 4, 0)])
 def test_fewer_keys_than_top_k_keep_every_key(h, w, context):
     """With fewer keys within reach than top_k, no bound can rule any out: every key
@@ -231,6 +230,7 @@ def test_fewer_keys_than_top_k_keep_every_key(h, w, context):
         cfg = dataclasses.replace(preset(name), context=context, radius=1.0)
         for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
+
 
 # ----------------------------------------------------------------------------- known answers
 

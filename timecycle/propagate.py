@@ -24,12 +24,12 @@ then rules out most keys, run by run of neighbouring cells and then key by key, 
 only the (key, query) pairs left are scored, in float64, and ranked: a sampled matmul,
 as a key that stays does so for a few of a tile's queries only. No key that an exact
 computation would keep is ever ruled out, however close the scores, so the result is
-the exact one by construction, near-ties ranked as in float64. Other settings (a per-frame
-softmax or top-k) and other devices score every key in float32. bfloat16 matmuls are
-only fast on contiguous operands, so the codes are stored in bands one run wide, in
-which a tile's block is a few contiguous matrices, every key stored once: at 480p, the
-codes of CRW's 20 context frames take 0.5 GB for a ResNet-50 (1024 channels), besides
-1 GB of float32 features, and 0.13 GB for a ResNet-18.
+the exact one by construction, near-ties ranked as in float64. Other settings (a
+per-frame softmax or top-k) and other devices score every key in float32. bfloat16
+matmuls are only fast on contiguous operands, so the codes are stored in bands one run
+wide, in which a tile's block is a few contiguous matrices, every key stored once: at
+480p, the codes of CRW's 20 context frames take 0.5 GB for a ResNet-50 (1024
+channels), besides 1 GB of float32 features, and 0.13 GB for a ResNet-18.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
@@ -506,8 +506,9 @@ class _Propagator:
         cells = feat.to(self.device, torch.float32).permute(1, 2, 0).contiguous()  # (h, w, C)
         self.queries[:self.h, :self.w] = cells
         # A frame's codes as queries and as keys are the same: both centred on the first frame's mean.
-        coded = _code(cells, self.groups[0].centre) if self.shortlist else None
-        if coded is not None:
+        coded = None
+        if self.shortlist:
+            coded = _code(cells, self.groups[0].centre)
             self._code_queries(cells, coded)
         out = torch.empty(self.h, self.w, self.classes, device=self.device)  # (h, w, K)
         for y0 in range(0, self.h, _TILE[0]):
@@ -537,8 +538,9 @@ class _Propagator:
         return pred
 
     def _code_queries(self, q: Tensor, coded: tuple[Tensor, Tensor, Tensor]) -> None:
-        """From queries (h, w, C) and their :func:`_code`, the queries' bfloat16 codes [q - c, 1, 1, -t], and per query the terms of the
-        bound on how far an approximate score A is from the exact one less q . c + t.
+        """From queries (h, w, C) and their :func:`_code`, the queries' bfloat16 codes
+        [q - c, 1, 1, -t], and per query the terms of the bound on how far an
+        approximate score A is from the exact one less q . c + t.
 
         With q~ the rounded q - c and k~, beta~ the rounded k - c, c . (k - c), the
         matmul sums q~ . k~ + beta~ - t, and q~ . k~ - (q - c) . (k - c) = q~ . (k~ - (k - c))
