@@ -1,17 +1,20 @@
 """Label propagation speed and memory on DAVIS frames: frames/s split into decoding,
 feature extraction and propagation, and peak memory, for a short and a long video, with
-random-init ResNet-18 and ResNet-50 encoders; and the dense reference (the full affinity
-of a frame against its whole context, as the CRW release computes it) for comparison.
+random-init ResNet-18 and ResNet-50 encoders or any models :func:`timecycle.load_model`
+reads (``--models``); and the dense reference (the full affinity of a frame against its
+whole context, as the CRW release computes it) for comparison.
 
 Each measurement runs in a fresh subprocess, so peak memory (ru_maxrss) is its own.
 The target: propagation costs less than feature extraction, in memory that does not
 grow with the video. On the CPU the CRW, DINO and VFS presets shortlist keys in
-bfloat16 (see timecycle.propagate); the results are the exact ones either way. The
-machine's load average is printed with each row: on a shared machine, compare
-extraction and propagation measured under the same load (and threads).
+bfloat16 (see timecycle.propagate); the results are the exact ones either way, but the
+time depends on the features (how closely the best scores are packed), so measure
+trained weights too where you have them. The machine's load average is printed with
+each row: on a shared machine, compare extraction and propagation measured under the
+same load (and threads).
 
     python benchmarks/bench_propagate.py [--data ../shared/data/davis-sample] [--threads 2]
-        [--device cpu] [--archs resnet18 resnet50] [--preset crw] [--frames 30]
+        [--device cpu] [--models random-resnet18 random-resnet50 run/last.pt] [--preset crw] [--frames 30]
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from timecycle.model.encoder import Encoder
-from timecycle.propagate import EncoderFeatures, PropagationConfig, preset, propagate, resolve_config
+from timecycle import load_model
+from timecycle.propagate import PropagationConfig, preset, propagate, resolve_config
 from timecycle.video import open_video
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis-sample"
@@ -54,7 +57,7 @@ def sync(device: str) -> None:
 class TimedModel:
     """A propagation model that adds up the seconds spent in it."""
 
-    def __init__(self, model: EncoderFeatures, device: str) -> None:
+    def __init__(self, model: torch.nn.Module, device: str) -> None:
         self.model, self.device, self.seconds = model, device, 0.0
         self.arch = model.arch
 
@@ -66,12 +69,12 @@ class TimedModel:
         return out
 
 
-def measure_propagation(seq: Path, annotations: Path, arch: str, preset_name: str, device: str,
+def measure_propagation(seq: Path, annotations: Path, model_name: str, preset_name: str, device: str,
                         frames: int | None) -> dict:
     """One video streamed through :func:`propagate`. Decoding is timed in a pass of its
-    own and subtracted; J is the mean IoU against the annotations over frames 1..T-2."""
-    torch.manual_seed(0)  # the same random encoder in every run, so that J compares across versions
-    model = TimedModel(EncoderFeatures(Encoder(arch, dim=None).eval().to(device)), device)
+    own and subtracted; J is the mean IoU against the annotations over frames 1..T-2.
+    The random baselines are the same network in every run, so J compares across versions."""
+    model = TimedModel(load_model(model_name, device), device)
     with open_video(seq) as video:
         count = len(video) if frames is None else min(frames, len(video))
         start = time.perf_counter()
@@ -103,14 +106,14 @@ def measure_propagation(seq: Path, annotations: Path, arch: str, preset_name: st
     }
 
 
-def measure_dense_reference(seq: Path, arch: str, preset_name: str, device: str, frames: int) -> dict:
+def measure_dense_reference(seq: Path, model_name: str, preset_name: str, device: str, frames: int) -> dict:
     """The dense reference of tests/test_propagate.py over the first ``frames`` frames."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_propagate import dense_reference
 
-    cfg: PropagationConfig = preset(preset_name, arch)
+    encoder = load_model(model_name, device)
+    cfg: PropagationConfig = preset(preset_name, encoder.arch)
     torch.manual_seed(0)
-    encoder = EncoderFeatures(Encoder(arch, dim=None).eval().to(device))
     with open_video(seq) as video, torch.no_grad():
         x = torch.from_numpy(video.read(range(frames))).to(device).permute(0, 3, 1, 2).float() / 255
         feats = torch.nn.functional.normalize(torch.cat([encoder(x[i:i + 4]) for i in range(0, frames, 4)]), dim=1)
@@ -126,10 +129,10 @@ def child(args: argparse.Namespace) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seq = args.data / "JPEGImages" / "480p" / args.seq
     if args.dense:
-        result = measure_dense_reference(seq, args.archs[0], args.preset, args.device, args.frames)
+        result = measure_dense_reference(seq, args.models[0], args.preset, args.device, args.frames)
     else:
         annotations = args.data / "Annotations" / "480p" / args.seq
-        result = measure_propagation(seq, annotations, args.archs[0], args.preset, args.device, args.frames)
+        result = measure_propagation(seq, annotations, args.models[0], args.preset, args.device, args.frames)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     result["rss_growth_gib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2 ** 20
     if args.device.startswith("cuda"):
@@ -159,7 +162,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=["random-resnet18", "random-resnet50"],
+                        help="baseline names or checkpoint files, as timecycle.load_model takes them")
     parser.add_argument("--preset", default="crw")
     parser.add_argument("--short", default="car-shadow", help="the short video")
     parser.add_argument("--long", default="dance-twirl", help="the long video")
@@ -175,21 +179,22 @@ def main() -> None:
 
     cfg = resolve_config(args.preset)
     print(f"preset {args.preset}: {cfg}")
-    print(f"device {args.device}, {args.threads} threads; random-init encoders, features not projected")
-    print(f"{'arch':<10}{'video':<13}{'frames':>7}{'decode s/f':>12}{'extract s/f':>13}{'propagate s/f':>15}"
+    print(f"device {args.device}, {args.threads} threads; features not projected")
+    name = max(18, 2 + max(map(len, args.models)))  # the model column's width: checkpoint paths can be long
+    print(f"{'model':<{name}}{'video':<13}{'frames':>7}{'decode s/f':>12}{'extract s/f':>13}{'propagate s/f':>15}"
           f"{'prop/extr':>11}{'fps':>7}{'peak RSS GiB':>14}{'J':>7}{'load':>7}")
-    for arch in args.archs:
+    for model in args.models:
         for seq in (args.short, args.long):
             load = os.getloadavg()[0]
-            r = run_child(args, archs=[arch], seq=seq, frames=args.frames)
-            print(f"{arch:<10}{seq:<13}{r['frames']:>7}{r['decode_s_per_frame']:>12.3f}{r['extract_s_per_frame']:>13.3f}"
+            r = run_child(args, models=[model], seq=seq, frames=args.frames)
+            print(f"{model:<{name}}{seq:<13}{r['frames']:>7}{r['decode_s_per_frame']:>12.3f}{r['extract_s_per_frame']:>13.3f}"
                   f"{r['propagate_s_per_frame']:>15.3f}{r['propagate_s_per_frame'] / r['extract_s_per_frame']:>11.2f}"
                   f"{r['fps']:>7.2f}{r['peak_rss_gib']:>14.2f}{r['J']:>7.3f}{load:>7.2f}"
                   + (f"   GPU peak {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""), flush=True)
         if args.dense_frames:
             load = os.getloadavg()[0]
-            d = run_child(args, archs=[arch], seq=args.short, frames=args.dense_frames, dense=True)
-            print(f"{arch:<10}{'dense ref.':<13}{d['frames']:>7}{'':>25}{d['dense_s_per_frame']:>15.3f}{'':>18}"
+            d = run_child(args, models=[model], seq=args.short, frames=args.dense_frames, dense=True)
+            print(f"{model:<{name}}{'dense ref.':<13}{d['frames']:>7}{'':>25}{d['dense_s_per_frame']:>15.3f}{'':>18}"
                   f"{d['peak_rss_gib']:>14.2f}{'':>7}{load:>7.2f}   (float64, context of {d['context_reached']} "
                   f"frames at most; its memory grows with the context)", flush=True)
 
