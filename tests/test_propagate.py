@@ -22,6 +22,7 @@ from timecycle.propagate import (
     PropagationConfig,
     _code,
     _Context,
+    _flagged,
     _Geometry,
     _Propagator,
     one_hot,
@@ -230,6 +231,25 @@ def test_fewer_keys_than_top_k_keep_every_key(h, w, context):
         cfg = dataclasses.replace(preset(name), context=context, radius=1.0)
         for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
+
+
+@pytest.mark.parametrize("runs", [1, 7, 8, 37, 840])
+def test_flagged_runs_are_those_reaching_theta_in_order(runs):
+    """The grouped search finds exactly the (query, run) pairs a plain comparison does,
+    in the same order (query by query, runs ascending, as the sampled matmul's rows need):
+    with ties at theta, keys out of reach (-inf), queries past the grid (theta inf) and a
+    number of runs that is not a multiple of the group."""
+    g = torch.Generator().manual_seed(runs)
+    best = torch.randn(runs, 12, generator=g)
+    best[torch.rand(runs, 12, generator=g) < 0.2] = -math.inf
+    theta = torch.randn(12, generator=g) + 1.5
+    theta[3] = math.inf
+    theta[5] = torch.finfo(theta.dtype).min
+    best[0, 7] = theta[7]  # a tie counts as reaching it
+    query, run = _flagged(best, theta)
+    want_query, want_run = (best >= theta).T.nonzero().unbind(1)
+    assert torch.equal(query, want_query) and torch.equal(run, want_run)
+    assert 0 < len(query) < runs * 12  # neither none nor all
 
 
 # ----------------------------------------------------------------------------- known answers

@@ -201,6 +201,7 @@ def resolve_config(
 
 _TILE = (16, 8)  # query cells per tile, (rows, columns): big enough for efficient matmuls, small enough to waste little
 _RUN = 8  # keys per run: neighbouring cells of one row of one context frame, the unit of the shortlist
+_GROUP = 8  # runs whose maximum is tried before the runs themselves, to find the few runs that stay
 _SLABS = 8  # slabs of runs whose elementwise maxima give the k-th best score's lower bound cheaply
 _ABSENT = -1e4  # the approximate score of a key that is not there, far below any cosine
 _U_BF16, _U_F32, _U_F64 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -53  # unit roundoffs: 8, 24 and 53 significant bits
@@ -231,6 +232,24 @@ def _code(x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     wide = code.float()
     size = torch.maximum(diff.norm(dim=-1), wide.norm(dim=-1)) * (1 + 2.0 ** -10)
     return code, (wide - diff).norm(dim=-1) * (1 + 2.0 ** -10) + _U_F32 * size, size
+
+
+def _flagged(best: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """The (query, run) pairs where ``best`` (runs, Q) reaches ``theta`` (Q,), query by
+    query and runs in order, as ``(best >= theta).T.nonzero()`` gives them.
+
+    About 1 run in 100 reaches it, in clusters, and a nonzero over every (run, query)
+    costs more than the matmul that scored them; so groups of _GROUP runs are tried first
+    through their maxima, and only the runs of the groups that reach it one by one."""
+    pad = -len(best) % _GROUP
+    if pad:
+        best = torch.cat([best, best.new_full((pad, best.shape[1]), -math.inf)])
+    groups = best.view(-1, _GROUP, best.shape[1]).amax(1)  # (runs / _GROUP, Q)
+    query, group = (groups >= theta).T.nonzero().unbind(1)
+    runs = (group[:, None] * _GROUP + torch.arange(_GROUP, device=best.device)).flatten()
+    query = query.repeat_interleave(_GROUP)
+    keep = (best[runs, query] >= theta[query]).nonzero().squeeze(1)
+    return query[keep], runs[keep]
 
 
 def propagate_features(
@@ -381,20 +400,21 @@ class _Context:
         real = best if self.r is None else best.masked_fill(~self.run_all, -math.inf)
         return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
 
-    def exact(self, q: Tensor, y0: int, x0: int, flags: Tensor, approximate: Tensor, weights: Tensor,
+    def exact(self, q: Tensor, y0: int, x0: int, run_bounds: Tensor, approximate: Tensor, weights: Tensor,
               theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """float64 scores of the (key, query) pairs that may be among the query's k best.
 
-        ``flags`` (runs, Q) says which runs of the block may hold one of a query's k best;
-        of their keys, those whose approximate score plus its error bound, key errors
-        (2,) @ ``weights`` (2, Q), reaches the query's ``theta`` (Q,) are scored. A key
-        stays for a few of the tile's queries only (about 5 of 128 at 480p), so pairs
-        are handled one by one, not as keys x queries, and scored by a sampled matmul.
+        The runs of the block whose upper bound, ``run_bounds`` (runs, Q), reaches the
+        query's ``theta`` (Q,) may hold one of its k best; of their keys, those whose
+        approximate score plus its error bound, key errors (2,) @ ``weights`` (2, Q),
+        reaches theta are scored. A key stays for a few of the tile's queries only (about
+        5 of 128 at 480p), so pairs are handled one by one, not as keys x queries, and
+        scored by a sampled matmul.
         Returns each query's scores in a row, (Q, M) padded with -inf (-inf too where a
         key is not there), the keys' labels (N, K) and the scores' indices into them (Q, M)."""
         top, left = self._block(y0, x0)
         (rows, cols), s, n = self.span, self.slots, len(q)
-        query, runs = flags.T.nonzero().unbind(1)  # query by query; runs are ordered (band, row, slot)
+        query, runs = _flagged(run_bounds, theta)  # query by query; runs are ordered (band, row, slot)
         band = torch.div(runs, rows * s, rounding_mode="floor")
         row, slot = torch.div(runs, s, rounding_mode="floor") % rows, runs % s
         within = torch.arange(_RUN, device=runs.device)
@@ -607,7 +627,7 @@ class _Propagator:
             best = torch.addmm(best, errors, weights)
             if g.r is not None:
                 best = best.view(*g.run_reach.shape[:2], -1, len(q)).add_(g.run_reach).view(-1, len(q))
-            found, found_labels, index = g.exact(q, y0, x0, best >= theta, approx, weights, theta)
+            found, found_labels, index = g.exact(q, y0, x0, best, approx, weights, theta)
             scores.append(found)
             labels.append(found_labels)
             indices.append(index + offset)
