@@ -237,14 +237,15 @@ def test_fewer_keys_than_top_k_keep_every_key(h, w, context):
 def test_flagged_runs_are_those_reaching_theta_in_order(runs):
     """The grouped search finds exactly the (query, run) pairs a plain comparison does,
     in the same order (query by query, runs ascending, as the sampled matmul's rows need):
-    with ties at theta, keys out of reach (-inf), queries past the grid (theta inf) and a
-    number of runs that is not a multiple of the group."""
+    with ties at theta, keys out of reach (-inf), queries past the grid (theta inf), a
+    theta of -inf, and a number of runs that is not a multiple of the group."""
     g = torch.Generator().manual_seed(runs)
     best = torch.randn(runs, 12, generator=g)
     best[torch.rand(runs, 12, generator=g) < 0.2] = -math.inf
     theta = torch.randn(12, generator=g) + 1.5
     theta[3] = math.inf
     theta[5] = torch.finfo(theta.dtype).min
+    theta[9] = -math.inf  # every run reaches it, the padding to a whole group not
     best[0, 7] = theta[7]  # a tie counts as reaching it
     query, run = _flagged(best, theta)
     want_query, want_run = (best >= theta).T.nonzero().unbind(1)

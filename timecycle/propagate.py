@@ -241,14 +241,15 @@ def _flagged(best: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
     About 1 run in 100 reaches it, in clusters, and a nonzero over every (run, query)
     costs more than the matmul that scored them; so groups of _GROUP runs are tried first
     through their maxima, and only the runs of the groups that reach it one by one."""
-    pad = -len(best) % _GROUP
+    n = len(best)
+    pad = -n % _GROUP
     if pad:
         best = torch.cat([best, best.new_full((pad, best.shape[1]), -math.inf)])
     groups = best.view(-1, _GROUP, best.shape[1]).amax(1)  # (runs / _GROUP, Q)
     query, group = (groups >= theta).T.nonzero().unbind(1)
     runs = (group[:, None] * _GROUP + torch.arange(_GROUP, device=best.device)).flatten()
     query = query.repeat_interleave(_GROUP)
-    keep = (best[runs, query] >= theta[query]).nonzero().squeeze(1)
+    keep = ((best[runs, query] >= theta[query]) & (runs < n)).nonzero().squeeze(1)  # padding reaches a theta of -inf
     return query[keep], runs[keep]
 
 
