@@ -3,6 +3,7 @@ correct answer is known, and the public entry point end to end."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from timecycle.propagate import (
     to_points,
 )
 from timecycle.video import VideoError
+
+propagate_module = importlib.import_module("timecycle.propagate")  # the package's `propagate` is the function
 
 
 def dense_reference(feats: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig) -> list[torch.Tensor]:
@@ -121,15 +124,42 @@ def test_engine_equals_dense_reference(window, per_frame, softmax, context):
             torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0, msg=f"frame {t}, {cfg}")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_equal_dense_reference(name):
-    """Each protocol's own settings (radius 12, contexts of 7 and 20) on a 20 x 26 grid:
-    the radius cuts, the contexts fill and the ring wraps within 24 frames."""
+def preset_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and first labels on a 20 x 26 grid over 24 frames: with each protocol's
+    own settings (radius 12, contexts of 7 and 20), the radius cuts, the contexts fill
+    and the ring wraps."""
     feats = random_features(24, 6, 20, 26, seed=3)
-    first = torch.from_numpy(one_hot(np.random.default_rng(0).integers(0, 3, (20, 26)))[0])
+    return feats, torch.from_numpy(one_hot(np.random.default_rng(0).integers(0, 3, (20, 26)))[0])
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_equal_dense_reference(name, device):
+    feats, first = preset_case()
     cfg = preset(name)
-    for t, (g, r) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
-        torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0, msg=f"frame {t}")
+    got = propagate_features(feats.to(device), first.to(device), cfg)
+    for t, (g, r) in enumerate(zip(got, dense_reference(feats, first, cfg)), start=1):
+        assert g.device.type == device
+        torch.testing.assert_close(g.cpu().double(), r, atol=1e-5, rtol=0, msg=f"frame {t}")
+
+
+@pytest.mark.parametrize("budget", [1, 2 ** 40], ids=["tile-by-tile", "all-tiles"])
+def test_the_float32_path_equals_dense_reference(monkeypatch, budget):
+    """What a GPU runs for every preset, and the CPU for TimeCycle's: every key scored
+    in float32, the tiles in batches of one and all in one batch."""
+    monkeypatch.setattr(propagate_module, "_shortlists", lambda cfg, device: False)
+    monkeypatch.setattr(propagate_module, "_BATCH_BYTES", {"cpu": budget, "accelerator": budget})
+    feats, first = preset_case()
+    for name in PRESETS:
+        cfg = preset(name)
+        engine = _Propagator(feats[0], first, cfg)
+        assert not engine.shortlist and len(engine.origins) == 8  # 2 x 4 tiles
+        assert engine.batch == 1 if budget == 1 else engine.batch >= 8
+        for t, (g, r) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
+            torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
 
 
 def test_more_kept_keys_than_the_window_holds():

@@ -25,7 +25,8 @@ only the (key, query) pairs left are scored, in float64, and ranked: a sampled m
 as a key that stays does so for a few of a tile's queries only. No key that an exact
 computation would keep is ever ruled out, however close the scores, so the result is
 the exact one by construction, near-ties ranked as in float64. Other settings (a
-per-frame softmax or top-k) and other devices score every key in float32. bfloat16
+per-frame softmax or top-k) and other devices score every key in float32, many tiles
+in one batch of kernels: a GPU would otherwise spend its time launching them. bfloat16
 matmuls are only fast on contiguous operands, so the codes are stored in bands one run
 wide, in which a tile's block is a few contiguous matrices, every key stored once: at
 480p, the codes of CRW's 20 context frames take 0.5 GB for a ResNet-50 (1024
@@ -207,6 +208,11 @@ _ABSENT = -1e4  # the approximate score of a key that is not there, far below an
 _U_BF16, _U_F32, _U_F64 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -53  # unit roundoffs: 8, 24 and 53 significant bits
 _U = _U_BF16 / (1 - 2 * _U_BF16)  # y - _U |y| is at most the A solving A + _U_BF16 |A| / (1 - _U_BF16) = y
 _SLACK = 2.0 ** -18  # covers the float32 roundings in applying the bounds
+# The float32 path's intermediates for a batch of tiles. A GPU runs one tile's few dozen
+# small kernels launch-bound (ResNet-18 at 480p on an H200: 3,400 launches a frame, 62
+# ms, against 25 ms of GPU work), so it takes many tiles at once; the CPU, which pays no
+# launches, keeps to about the memory of a few tiles.
+_BATCH_BYTES = {"cpu": 2 ** 26, "accelerator": 2 ** 31}
 
 
 def _code_width(channels: int) -> int:
@@ -458,27 +464,42 @@ class _Context:
         index[query, position] = column
         return scores, self.labs.view(-1, self.labs.shape[-1]).index_select(0, used), index
 
-    def exact_all(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
-        """float32 scores (N, S', Q) of queries (Q, C) against every key of the block in
-        the S' filled slots, -inf where out of reach or not there, and their labels (N, S', K)."""
-        top, left = self._block(y0, x0)
-        (rows, cols), s = self.span, self.filled
-        feats = self.feats[top:top + rows, left:left + cols, :s]  # (R, B, S', C)
-        scores = torch.matmul(feats, q.T) + self.absent[top:top + rows, left:left + cols, :s, None]
-        scores = scores.flatten(0, 1)  # (R * B, S', Q)
-        if self.r is not None:
-            scores += self.reach[:, None]
-        return scores, self.labs[top:top + rows, left:left + cols, :s].flatten(0, 1)
+    def tile_bytes(self, queries: int) -> int:
+        """Bytes of the float32 path's intermediates for one tile of ``queries`` cells:
+        its scores, and the block's keys and labels where they are gathered."""
+        keys = self.span[0] * self.span[1] * self.slots
+        return 4 * keys * (queries + (0 if self.r is None else self.feats.shape[-1] + self.labs.shape[-1]))
+
+    def exact_all(self, q: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 scores (T, Q, N, S') of the queries (T, Q, C) of T tiles whose top-left
+        cells are ``origins`` (T, 2), against every key of each tile's block in the S'
+        filled slots, -inf where out of reach or not there; and the keys' labels
+        (T, N * S', K), expanded rather than copied where every tile meets the whole frame."""
+        s, t = self.filled, len(q)
+        feats, labs, absent = (x.flatten(0, 1)[:, :s] for x in (self.feats, self.labs, self.absent))  # (cells, S', ...)
+        if self.r is None:
+            scores = torch.matmul(q, feats.reshape(-1, feats.shape[-1]).T).unflatten(2, (-1, s)) + absent
+            return scores, labs.reshape(1, -1, labs.shape[-1]).expand(t, -1, -1)
+        (rows, cols), width = self.span, self.feats.shape[1]
+        cells = torch.arange(rows, device=q.device)[:, None] * width + torch.arange(cols, device=q.device)
+        block = ((origins[:, 0] * width + origins[:, 1])[:, None] + cells.flatten()).flatten()  # (T * N,)
+        keys = feats.index_select(0, block).view(t, -1, feats.shape[-1])  # (T, N * S', C)
+        scores = torch.bmm(q, keys.transpose(1, 2)).unflatten(2, (-1, s))  # (T, Q, N, S')
+        scores += absent.index_select(0, block).view(t, 1, -1, s)
+        scores += self.reach.T[None, :, :, None]
+        return scores, labs.index_select(0, block).view(t, -1, labs.shape[-1])
+
+
+def _shortlists(cfg: PropagationConfig, device: torch.device) -> bool:
+    """Whether tiles shortlist keys in bfloat16 (:meth:`_Propagator._shortlisted`). It
+    needs one softmax over the kept keys and a joint top-k, as a per-frame softmax needs
+    every score; and the CPU, whose bfloat16 matmuls accumulate in float32 as the error
+    bound assumes (a GPU's may accumulate in reduced precision)."""
+    return cfg.softmax == "kept" and not cfg.top_k_per_frame and device.type == "cpu"
 
 
 class _Propagator:
-    """The state of one propagation: the context buffers and the per-frame step.
-
-    ``shortlist``: whether tiles shortlist keys in bfloat16 (:meth:`_shortlisted`). It
-    needs one softmax over the kept keys and a joint top-k, as a per-frame softmax needs
-    every score; and the CPU, whose bfloat16 matmuls accumulate in float32 as the error
-    bound assumes (a GPU's may accumulate in reduced precision).
-    """
+    """The state of one propagation: the context buffers and the per-frame step."""
 
     def __init__(self, first: Tensor, first_labels: Tensor, cfg: PropagationConfig) -> None:
         if first.dim() != 3:
@@ -493,7 +514,7 @@ class _Propagator:
         first = first.float()
         self.tiles = (-(-self.h // _TILE[0]), -(-self.w // _TILE[1]))
         self.queries = torch.zeros(self.tiles[0] * _TILE[0], self.tiles[1] * _TILE[1], self.channels, device=device)
-        self.shortlist = cfg.softmax == "kept" and not cfg.top_k_per_frame and device.type == "cpu"
+        self.shortlist = _shortlists(cfg, device)
         # Any centre keeps the bound; the first frame's mean makes the centred keys short.
         centre = first.mean((1, 2)) if self.shortlist else None
         if self.shortlist:
@@ -517,6 +538,13 @@ class _Propagator:
         self.groups = [first_group] if ring is first_group else [first_group, ring]
         self.ring, self.ring_start = ring, 1 if ring is first_group else 0
         self.seen = 0  # frames predicted so far
+        # Tiles scored together on the float32 path: a GPU runs a tile's few dozen small
+        # kernels launch-bound, so it takes as many tiles as _BATCH_BYTES allows.
+        tile_bytes = sum(g.tile_bytes(_TILE[0] * _TILE[1]) for g in self.groups)
+        self.batch = max(1, _BATCH_BYTES["cpu" if device.type == "cpu" else "accelerator"] // tile_bytes)
+        origins = torch.meshgrid(torch.arange(self.tiles[0]) * _TILE[0], torch.arange(self.tiles[1]) * _TILE[1],
+                                 indexing="ij")
+        self.origins = torch.stack(origins, -1).view(-1, 2).to(device)  # (T, 2), the tiles' top-left cells
 
     @torch.no_grad()
     def step(self, feat: Tensor) -> Tensor:
@@ -528,27 +556,26 @@ class _Propagator:
         cells = feat.to(self.device, torch.float32).permute(1, 2, 0).contiguous()  # (h, w, C)
         self.queries[:self.h, :self.w] = cells
         # A frame's codes as queries and as keys are the same: both centred on the first frame's mean.
-        coded = None
+        coded, (th, tw) = None, self.tiles
         if self.shortlist:
             coded = _code(cells, self.groups[0].centre)
             self._code_queries(cells, coded)
-        out = torch.empty(self.h, self.w, self.classes, device=self.device)  # (h, w, K)
-        for y0 in range(0, self.h, _TILE[0]):
-            for x0 in range(0, self.w, _TILE[1]):
-                tile = (slice(y0, y0 + _TILE[0]), slice(x0, x0 + _TILE[1]))
-                q = self.queries[tile].flatten(0, 1)  # (Q, C)
-                if self.shortlist:
+            preds = []
+            for y0 in range(0, self.h, _TILE[0]):
+                for x0 in range(0, self.w, _TILE[1]):
+                    tile = (slice(y0, y0 + _TILE[0]), slice(x0, x0 + _TILE[1]))
                     values, labels = self._shortlisted(
-                        q.double(), self.codes[tile].flatten(0, 1), self.weights[tile].flatten(0, 1).T,
-                        self.bounds[:, *tile].flatten(1), self.past[tile].flatten(), y0, x0)
-                else:
-                    values, labels = self._scored(q, y0, x0)
-                if self.cfg.softmax == "kept":
-                    weights = values.softmax(dim=0)
-                else:
-                    weights = values.exp() / sum(g.filled for g in self.groups)
-                pred = torch.einsum("mq,mqk->qk", weights.float(), labels).view(*_TILE, self.classes)
-                out[tile] = pred[:self.h - y0, :self.w - x0]
+                        self.queries[tile].flatten(0, 1).double(), self.codes[tile].flatten(0, 1),
+                        self.weights[tile].flatten(0, 1).T, self.bounds[:, *tile].flatten(1),
+                        self.past[tile].flatten(), y0, x0)
+                    preds.append(self._weighted(values[None], labels[None]))
+        else:
+            queries = self.queries.view(th, _TILE[0], tw, _TILE[1], -1).transpose(1, 2).flatten(0, 1)
+            queries = queries.flatten(1, 2)  # (T, Q, C), tile by tile
+            preds = [self._weighted(*self._scored(queries[i:i + self.batch], self.origins[i:i + self.batch]))
+                     for i in range(0, len(queries), self.batch)]
+        out = torch.cat(preds).view(th, tw, *_TILE, self.classes).transpose(1, 2)  # (th, TILE0, tw, TILE1, K)
+        out = out.reshape(th * _TILE[0], tw * _TILE[1], self.classes)[:self.h, :self.w]  # (h, w, K)
         pred = out.permute(2, 0, 1).contiguous()  # (K, h, w)
         if self.cfg.minmax:
             pred = minmax_normalize(pred)
@@ -587,7 +614,7 @@ class _Propagator:
 
     def _shortlisted(self, q: Tensor, codes: Tensor, weights: Tensor, bounds: Tensor, past: Tensor, y0: int,
                      x0: int) -> tuple[Tensor, Tensor]:
-        """The kept scores / temperature (k, Q) and their labels (k, Q, K) for the tile's
+        """The kept scores / temperature (Q, k) and their labels (Q, k, K) for the tile's
         queries (Q, C), from the keys that the bfloat16 pass cannot rule out; queries
         past the grid rule out all.
 
@@ -636,35 +663,45 @@ class _Propagator:
             offset += len(found_labels)
         scores, labels, index = torch.cat(scores, 1), torch.cat(labels), torch.cat(indices, 1)  # (Q, M), (N, K), (Q, M)
         values, idx = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
-        return values.T / self.cfg.temperature, labels[index.gather(1, idx).T]
+        return values / self.cfg.temperature, labels[index.gather(1, idx)]
 
-    def _scored(self, q: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor]:
-        """The kept values (M, Q) and their labels (M, Q, K), every key scored in float32.
-        Values are scores / temperature, or per-frame log-probabilities under ``softmax='frame'``. A
-        frame with fewer than k usable keys contributes -inf values, which weigh nothing."""
+    def _scored(self, q: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
+        """The kept values (T, Q, M) and their labels (T, Q, M, K) for the queries (T, Q, C)
+        of tiles whose top-left cells are ``origins`` (T, 2), every key scored in float32.
+        Values are scores / temperature, or per-frame log-probabilities under
+        ``softmax='frame'``. A frame with fewer than k usable keys contributes -inf
+        values, which weigh nothing."""
         k = self.cfg.top_k
-        kept = []
+        values, labels = [], []
         for g in self.groups:
             if not g.filled:
                 continue
-            scores, labels = g.exact_all(q, y0, x0)  # (N, S, Q), (N, S, K)
+            scores, keys = g.exact_all(q, origins)  # (T, Q, N, S), (T, N * S, K)
             scores /= self.cfg.temperature
             if self.cfg.softmax == "frame":
-                scores = scores - scores.logsumexp(dim=0, keepdim=True)
+                scores = scores - scores.logsumexp(dim=2, keepdim=True)
             if self.cfg.top_k_per_frame:
-                values, idx = scores.topk(min(k, len(scores)), dim=0)  # (k, S, Q)
-                slot = torch.arange(scores.shape[1], device=q.device)[:, None]
-                kept.append((values.flatten(0, 1), labels[idx, slot].flatten(0, 1)))
+                kept, idx = scores.topk(min(k, scores.shape[2]), dim=2)  # (T, Q, k, S)
+                idx = idx * scores.shape[3] + torch.arange(scores.shape[3], device=q.device)  # into N * S
             else:
-                values, idx = scores.flatten(0, 1).topk(min(k, scores.shape[0] * scores.shape[1]), dim=0)
-                kept.append((values, labels.flatten(0, 1)[idx]))
-        values = torch.cat([v for v, _ in kept])  # (M, Q)
-        labels = torch.cat([lab for _, lab in kept])  # (M, Q, K)
-        if len(kept) > 1 and not self.cfg.top_k_per_frame:
+                kept, idx = scores.flatten(2).topk(min(k, scores.shape[2] * scores.shape[3]), dim=2)  # (T, Q, k)
+            values.append(kept.flatten(2))
+            idx = idx.flatten(1)[..., None].expand(-1, -1, self.classes)
+            labels.append(keys.gather(1, idx).view(*q.shape[:2], -1, self.classes))
+        if len(values) > 1 and not self.cfg.top_k_per_frame:
             # The joint top-k lies within the union of each group's own top-k.
-            values, idx = values.topk(min(k, len(values)), dim=0)
-            labels = labels.gather(0, idx[..., None].expand(-1, -1, self.classes))
-        return values, labels
+            values, labels = torch.cat(values, 2), torch.cat(labels, 2)  # (T, Q, M), (T, Q, M, K)
+            values, idx = values.topk(min(k, values.shape[2]), dim=2)
+            return values, labels.gather(2, idx[..., None].expand(-1, -1, -1, self.classes))
+        return torch.cat(values, 2), torch.cat(labels, 2)
+
+    def _weighted(self, values: Tensor, labels: Tensor) -> Tensor:
+        """The labels (T, Q, K) predicted from kept values (T, Q, M) and their labels (T, Q, M, K)."""
+        if self.cfg.softmax == "kept":
+            weights = values.softmax(dim=2)
+        else:
+            weights = values.exp() / sum(g.filled for g in self.groups)
+        return torch.einsum("tqm,tqmk->tqk", weights.float(), labels)
 
 
 def minmax_normalize(labels: Tensor) -> Tensor:
