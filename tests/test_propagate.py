@@ -399,16 +399,19 @@ def test_features_are_consumed_one_frame_at_a_time():
         assert len(pulled) == t + 1  # frame t's prediction needs frames 0..t and nothing beyond
 
 
-def test_memory_stays_flat_at_full_width():
-    """A 1152-wide DAVIS frame at stride 8 (60 x 144 cells), CRW's 20-frame context: the
-    dense affinity of one frame would take 6.3 GB; propagation stays far below it."""
-    code = textwrap.dedent("""
+@pytest.mark.parametrize("name", ["crw", "timecycle"])
+def test_memory_stays_flat_at_full_width(name):
+    """A 1152-wide DAVIS frame at stride 8 (60 x 144 cells): the dense affinity of one
+    frame against CRW's 21 context frames would take 6.3 GB; propagation stays far below
+    it, with the bfloat16 shortlist (CRW) and with every key scored in float32, tiles in
+    batches (TimeCycle's per-frame softmax)."""
+    code = textwrap.dedent(f"""
         import resource, torch
         import torch.nn.functional as F
         from timecycle.propagate import preset, propagate_features
         torch.set_num_threads(1)
         feats = F.normalize(torch.rand(6, 8, 60, 144), dim=1)
-        cfg = preset("crw")
+        cfg = preset("{name}")
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = list(propagate_features(feats, torch.rand(3, 60, 144), cfg))
         assert len(out) == 5 and out[0].shape == (3, 60, 144)
