@@ -7,9 +7,10 @@ whole context, as the CRW release computes it) for comparison.
 Each measurement runs in a fresh subprocess, so peak memory (ru_maxrss) is its own.
 The target: propagation costs less than feature extraction, in memory that does not
 grow with the video. On the CPU the CRW, DINO and VFS presets shortlist keys in
-bfloat16 (see timecycle.propagate); the results are the exact ones either way, but the
-time depends on the features (how closely the best scores are packed), so measure
-trained weights too where you have them. The machine's load average is printed with
+bfloat16 (see timecycle.propagate): the shortlist gives the exact results, but its time
+depends on the features (how closely the best scores are packed), so measure trained
+weights too where you have them; on a GPU every key is scored in float32, a frame's
+tiles in batches. The machine's load average is printed with
 each row: on a shared machine, compare extraction and propagation measured under the
 same load (and threads).
 
