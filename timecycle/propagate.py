@@ -676,7 +676,7 @@ class _Propagator:
         for g in self.groups:
             if not g.filled:
                 continue
-            scores, keys = g.exact_all(q, origins)  # (T, Q, N, S), (T, N * S, K)
+            scores, key_labels = g.exact_all(q, origins)  # (T, Q, N, S), (T, N * S, K)
             scores /= self.cfg.temperature
             if self.cfg.softmax == "frame":
                 scores = scores - scores.logsumexp(dim=2, keepdim=True)
@@ -687,7 +687,7 @@ class _Propagator:
                 kept, idx = scores.flatten(2).topk(min(k, scores.shape[2] * scores.shape[3]), dim=2)  # (T, Q, k)
             values.append(kept.flatten(2))
             idx = idx.flatten(1)[..., None].expand(-1, -1, self.classes)
-            labels.append(keys.gather(1, idx).view(*q.shape[:2], -1, self.classes))
+            labels.append(key_labels.gather(1, idx).view(*q.shape[:2], -1, self.classes))
         if len(values) > 1 and not self.cfg.top_k_per_frame:
             # The joint top-k lies within the union of each group's own top-k.
             values, labels = torch.cat(values, 2), torch.cat(labels, 2)  # (T, Q, M), (T, Q, M, K)
