@@ -404,8 +404,8 @@ def test_features_are_consumed_one_frame_at_a_time():
 def test_memory_stays_flat_at_full_width(name):
     """A 1152-wide DAVIS frame at stride 8 (60 x 144 cells): the dense affinity of one
     frame against CRW's 21 context frames would take 6.3 GB; propagation stays far below
-    it, with the bfloat16 shortlist (CRW) and with every key scored in float32, tiles in
-    batches (TimeCycle's per-frame softmax)."""
+    it, with the bfloat16 shortlist (CRW) and with every key scored in float32
+    (TimeCycle's per-frame softmax)."""
     code = textwrap.dedent(f"""
         import resource, torch
         import torch.nn.functional as F
