@@ -570,8 +570,8 @@ class _Propagator:
                         self.past[tile].flatten(), y0, x0)
                     preds.append(self._weighted(values[None], labels[None]))
         else:
-            queries = self.queries.view(th, _TILE[0], tw, _TILE[1], -1).transpose(1, 2).flatten(0, 1)
-            queries = queries.flatten(1, 2)  # (T, Q, C), tile by tile
+            queries = self.queries.view(th, _TILE[0], tw, _TILE[1], -1).transpose(1, 2)
+            queries = queries.reshape(th * tw, -1, self.channels)  # (T, Q, C), tile by tile
             preds = [self._weighted(*self._scored(queries[i:i + self.batch], self.origins[i:i + self.batch]))
                      for i in range(0, len(queries), self.batch)]
         out = torch.cat(preds).view(th, tw, *_TILE, self.classes).transpose(1, 2)  # (th, TILE0, tw, TILE1, K)
@@ -688,12 +688,13 @@ class _Propagator:
             values.append(kept.flatten(2))
             idx = idx.flatten(1)[..., None].expand(-1, -1, self.classes)
             labels.append(key_labels.gather(1, idx).view(*q.shape[:2], -1, self.classes))
-        if len(values) > 1 and not self.cfg.top_k_per_frame:
+        joint = len(values) > 1 and not self.cfg.top_k_per_frame
+        values, labels = torch.cat(values, 2), torch.cat(labels, 2)  # (T, Q, M), (T, Q, M, K)
+        if joint:
             # The joint top-k lies within the union of each group's own top-k.
-            values, labels = torch.cat(values, 2), torch.cat(labels, 2)  # (T, Q, M), (T, Q, M, K)
             values, idx = values.topk(min(k, values.shape[2]), dim=2)
-            return values, labels.gather(2, idx[..., None].expand(-1, -1, -1, self.classes))
-        return torch.cat(values, 2), torch.cat(labels, 2)
+            labels = labels.gather(2, idx[..., None].expand(-1, -1, -1, self.classes))
+        return values, labels
 
     def _weighted(self, values: Tensor, labels: Tensor) -> Tensor:
         """The labels (T, Q, K) predicted from kept values (T, Q, M) and their labels (T, Q, M, K)."""
