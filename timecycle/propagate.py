@@ -21,8 +21,8 @@ VFS) on the CPU, a tile first scores its keys in bfloat16, which the CPU's matri
 units run several times faster, with a bound on every approximate score's error
 computed from the norms of what was rounded. A lower bound on the k-th best score
 then rules out most keys, run by run of neighbouring cells and then key by key, and
-only the (key, query) pairs left are scored, in float64, and ranked: a sampled matmul,
-as a key that stays does so for a few of a tile's queries only. No key that an exact
+only the (key, query) pairs left are scored, in float64, and ranked, by one compiled
+loop (numba), as a key that stays does so for a few of a tile's queries only. No key that an exact
 computation would keep is ever ruled out, however close the scores, so the result is
 the exact one by construction, near-ties ranked as in float64. Other settings (a
 per-frame softmax or top-k) and other devices score every key in float32, many tiles
@@ -39,12 +39,16 @@ soft output is upsampled bilinearly to the frame size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -202,7 +206,6 @@ def resolve_config(
 
 _TILE = (16, 8)  # query cells per tile, (rows, columns): big enough for efficient matmuls, small enough to waste little
 _RUN = 8  # keys per run: neighbouring cells of one row of one context frame, the unit of the shortlist
-_GROUP = 8  # runs whose maximum is tried before the runs themselves, to find the few runs that stay
 _SLABS = 8  # slabs of runs whose elementwise maxima give the k-th best score's lower bound cheaply
 _ABSENT = -1e4  # the approximate score of a key that is not there, far below any cosine
 _U_BF16, _U_F32, _U_F64 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -53  # unit roundoffs: 8, 24 and 53 significant bits
@@ -240,24 +243,66 @@ def _code(x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return code, (wide - diff).norm(dim=-1) * (1 + 2.0 ** -10) + _U_F32 * size, size
 
 
-def _flagged(best: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
-    """The (query, run) pairs where ``best`` (runs, Q) reaches ``theta`` (Q,), query by
-    query and runs in order, as ``(best >= theta).T.nonzero()`` gives them.
+@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """a . b in a's float64, summed in any order: the bound on an exact score's error
+    (:meth:`_Propagator._code_queries`) holds for every order, and this one vectorises.
+    Not inlined: numba would drop the fast-math flags with the call."""
+    total = 0.0
+    for c in range(a.shape[0]):
+        total += a[c] * b[c]
+    return total
 
-    About 1 run in 100 reaches it, in clusters, and comparing and taking the nonzero over
-    every (run, query) costs more than one band's bfloat16 matmul (1.0 against 0.6 ms at
-    256 channels); so groups of _GROUP runs are tried first through their maxima, and
-    only the runs of the groups that reach it one by one."""
-    n = len(best)
-    pad = -n % _GROUP
-    if pad:
-        best = torch.cat([best, best.new_full((pad, best.shape[1]), -math.inf)])
-    groups = best.view(-1, _GROUP, best.shape[1]).amax(1)  # (runs / _GROUP, Q)
-    query, group = (groups >= theta).T.nonzero().unbind(1)
-    runs = (group[:, None] * _GROUP + torch.arange(_GROUP, device=best.device)).flatten()
-    query = query.repeat_interleave(_GROUP)
-    keep = ((best[runs, query] >= theta[query]) & (runs < n)).nonzero().squeeze(1)  # padding reaches a theta of -inf
-    return query[keep], runs[keep]
+
+@numba.njit(nogil=True, cache=True)
+def _select(q, feats, absent, approximate, run_bounds, key_errors, weights, theta, reach, rows, cols, slots, top,
+            left, width, values, keys, first, last):
+    """For queries first..last of a tile, the k best exact scores, ``values`` (Q, k)
+    filled in place, and their keys' indices into the buffers, ``keys`` (Q, k), among
+    the keys that may be among them (see :meth:`_Context.exact`).
+
+    About 1 run in 100 reaches a query's threshold and a key stays for a few of a
+    tile's queries only, so scoring what stays as matrices, or taking the flagged pairs
+    apart with tensor ops, costs more in memory traffic and bookkeeping than the float64
+    products themselves; one loop does it all, runs outermost so that the keys of a run
+    are read once for every query that wants them. Ties keep the key met first.
+    Returns how many (key, query) pairs it scored."""
+    k, scored = values.shape[1], 0
+    bits = np.empty(1, np.uint32)
+    approx = bits.view(np.float32)  # a bfloat16 score is the top half of a float32's bits
+    for run in range(run_bounds.shape[0]):  # runs are ordered (band, row, slot)
+        band, row, slot = run // (rows * slots), run // slots % rows, run % slots
+        for i in range(first, last):
+            if not run_bounds[run, i] >= theta[i]:
+                continue
+            for j in range(_RUN):
+                col = band * _RUN + j  # within the block
+                key = ((top + row) * width + left + col) * slots + slot  # in the buffers
+                bits[0] = np.uint32(approximate[((band * rows + row) * _RUN + j) * slots + slot, i]) << 16
+                bound = approx[0] + (key_errors[key, 0] * weights[0, i] + key_errors[key, 1] * weights[1, i])
+                if reach.shape[0]:
+                    bound += reach[row * cols + col, i]
+                if not bound >= theta[i]:
+                    continue
+                score = _dot(q[i], feats[key]) + absent[key]
+                scored += 1
+                m = k - 1
+                if not score > values[i, m]:
+                    continue
+                while m > 0 and values[i, m - 1] < score:
+                    values[i, m], keys[i, m] = values[i, m - 1], keys[i, m - 1]
+                    m -= 1
+                values[i, m], keys[i, m] = score, key
+    return scored
+
+
+@functools.cache
+def _helpers(threads: int) -> ThreadPoolExecutor:
+    """Threads that run :func:`_select` on parts of a tile, beside the caller's."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="timecycle-select")
+
+
+os.register_at_fork(after_in_child=_helpers.cache_clear)  # a forked child has none of its parent's threads
 
 
 def propagate_features(
@@ -409,60 +454,32 @@ class _Context:
         return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
 
     def exact(self, q: Tensor, y0: int, x0: int, run_bounds: Tensor, approximate: Tensor, weights: Tensor,
-              theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """float64 scores of the (key, query) pairs that may be among the query's k best.
+              theta: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Each query's k best float64 scores (Q, k) among the block's keys that the
+        bounds cannot rule out, best first and padded with -inf, and their labels (Q, k, K).
 
         The runs of the block whose upper bound, ``run_bounds`` (runs, Q), reaches the
         query's ``theta`` (Q,) may hold one of its k best; of their keys, those whose
         approximate score plus its error bound, key errors (2,) @ ``weights`` (2, Q),
-        reaches theta are scored. A key stays for a few of the tile's queries only (about
-        5 of 128 at 480p), so pairs are handled one by one, not as keys x queries, and
-        scored by a sampled matmul.
-        Returns each query's scores in a row, (Q, M) padded with -inf (-inf too where a
-        key is not there), the keys' labels (N, K) and the scores' indices into them (Q, M)."""
+        reaches theta are scored, by :func:`_select`, with the tile's queries split
+        among as many threads as torch uses."""
         top, left = self._block(y0, x0)
-        (rows, cols), s, n = self.span, self.slots, len(q)
-        query, runs = _flagged(run_bounds, theta)  # query by query; runs are ordered (band, row, slot)
-        band = torch.div(runs, rows * s, rounding_mode="floor")
-        row, slot = torch.div(runs, s, rounding_mode="floor") % rows, runs % s
-        within = torch.arange(_RUN, device=runs.device)
-        place = (((band * rows + row) * _RUN)[:, None] + within).flatten()  # (P',) in the band-ordered block
-        col = ((band * _RUN)[:, None] + within).flatten()  # (P',) column within the block
-        local = ((runs * _RUN)[:, None] + within).flatten()  # (P',) the key, numbered run by run
-        row, slot, query = (t.repeat_interleave(_RUN) for t in (row, slot, query))
-        keys = ((top + row) * self.feats.shape[1] + left + col) * s + slot  # (P',) the key in the buffers
-        bound = approximate.view(-1)[(place * s + slot) * n + query].float()
-        errors = self.key_errors.view(-1, 2)[keys]
-        bound += errors[:, 0] * weights[0, query] + errors[:, 1] * weights[1, query]
-        if self.r is not None:
-            bound += self.reach.view(-1)[(row * cols + col) * n + query]
-        keep = (bound >= theta[query]).nonzero().squeeze(1)
-        query, local, keys = query[keep], local[keep], keys[keep]  # (P,)
-        # The keys scored, numbered in the block's order: a query's pairs come in that
-        # order, so each row of the sampled matrix has its columns sorted, as CSR requires.
-        marked = torch.zeros(len(approximate), dtype=torch.bool, device=q.device)
-        marked[local] = True
-        column = (torch.cumsum(marked, 0) - 1)[local]  # (P,)
-        buffered = torch.empty(len(approximate), dtype=torch.int64, device=q.device)
-        buffered[local] = keys
-        used = buffered[marked]  # (N,) in the buffers
-        counts = torch.bincount(query, minlength=n)
-        starts = torch.zeros(n + 1, dtype=torch.int64, device=q.device)
-        torch.cumsum(counts, 0, out=starts[1:])
-        with warnings.catch_warnings():  # sparse CSR support is 'beta', which the user need not hear about
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
-            sampled = torch.sparse_csr_tensor(starts, column, torch.zeros(len(column), dtype=q.dtype, device=q.device),
-                                              (n, len(used)), check_invariants=False)  # valid by construction
-        feats = self.feats.view(-1, self.feats.shape[-1]).index_select(0, used).double()
-        found = torch.sparse.sampled_addmm(sampled, q, feats.T, beta=0).values()  # (P,)
-        found += self.absent.view(-1).index_select(0, keys).double()
-        position = torch.arange(len(query), device=q.device) - starts[query]  # (P,) within the query's row
-        width = int(counts.max()) if len(query) else 0
-        scores = torch.full((n, width), -math.inf, dtype=q.dtype, device=q.device)
-        scores[query, position] = found
-        index = torch.zeros((n, width), dtype=torch.int64, device=q.device)
-        index[query, position] = column
-        return scores, self.labs.view(-1, self.labs.shape[-1]).index_select(0, used), index
+        (rows, cols), n = self.span, len(q)
+        values = torch.full((n, k), -math.inf, dtype=torch.float64)
+        keys = torch.zeros((n, k), dtype=torch.int64)
+        reach = self.reach if self.r is not None else torch.zeros(0, n)
+        args = [x.contiguous().numpy() for x in (q, self.feats.flatten(0, 2), self.absent.view(-1),
+                                                 approximate.view(torch.int16), run_bounds,
+                                                 self.key_errors.view(-1, 2), weights, theta, reach)]
+        args[3] = args[3].view(np.uint16)  # bfloat16's bits, which numba has no type for
+        args += [rows, cols, self.slots, top, left, self.feats.shape[1], values.numpy(), keys.numpy()]
+        workers = min(torch.get_num_threads(), n)
+        bounds = [n * i // workers for i in range(workers + 1)]
+        helpers = [_helpers(workers - 1).submit(_select, *args, lo, hi) for lo, hi in zip(bounds[1:], bounds[2:])]
+        _select(*args, 0, bounds[1])
+        for helper in helpers:
+            helper.result()
+        return values, self.labs.view(-1, self.labs.shape[-1])[keys]
 
     def tile_bytes(self, queries: int) -> int:
         """Bytes of the float32 path's intermediates for one tile of ``queries`` cells:
@@ -651,19 +668,17 @@ class _Propagator:
         # Finite, so that keys out of reach (bound -inf) never pass, even with fewer than k keys there.
         theta.clamp_(min=torch.finfo(theta.dtype).min)
         weights = weights * (1 + _U)
-        scores, labels, indices, offset = [], [], [], 0
+        scores, labels = [], []
         for g, (approx, best, _, errors) in zip(groups, approximate):
             best = torch.addmm(best, errors, weights)
             if g.r is not None:
                 best = best.view(*g.run_reach.shape[:2], -1, len(q)).add_(g.run_reach).view(-1, len(q))
-            found, found_labels, index = g.exact(q, y0, x0, best, approx, weights, theta)
+            found, found_labels = g.exact(q, y0, x0, best, approx, weights, theta, k)
             scores.append(found)
             labels.append(found_labels)
-            indices.append(index + offset)
-            offset += len(found_labels)
-        scores, labels, index = torch.cat(scores, 1), torch.cat(labels), torch.cat(indices, 1)  # (Q, M), (N, K), (Q, M)
-        values, idx = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
-        return values / self.cfg.temperature, labels[index.gather(1, idx)]
+        scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)  # (Q, k * groups), (Q, k * groups, K)
+        values, idx = scores.topk(k, dim=1)  # (Q, k)
+        return values / self.cfg.temperature, labels.gather(1, idx[..., None].expand(-1, -1, labels.shape[-1]))
 
     def _scored(self, q: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
         """The kept values (T, Q, M) and their labels (T, Q, M, K) for the queries (T, Q, C)
