@@ -22,9 +22,9 @@ units run several times faster, with a bound on every approximate score's error
 computed from the norms of what was rounded. A lower bound on the k-th best score
 then rules out most keys, run by run of neighbouring cells and then key by key, and
 only the (key, query) pairs left are scored, in float64, and ranked, by one compiled
-loop (numba), as a key that stays does so for a few of a tile's queries only. No key that an exact
-computation would keep is ever ruled out, however close the scores, so the result is
-the exact one by construction, near-ties ranked as in float64. Other settings (a
+loop (numba), as a key that stays does so for a few of a tile's queries only. No key
+that an exact computation would keep is ever ruled out, however close the scores, so
+the result is the exact one by construction, near-ties ranked as in float64. Other settings (a
 per-frame softmax or top-k) and other devices score every key in float32, many tiles
 in one batch of kernels: a GPU would otherwise spend its time launching them. bfloat16
 matmuls are only fast on contiguous operands, so the codes are stored in bands one run
