@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from timecycle import kernels
 from timecycle.model.encoder import Encoder
 from timecycle.propagate import (
     _RUN,
@@ -182,13 +183,13 @@ def test_the_presets_run_the_shortlist_and_it_is_short(monkeypatch):
         engine = _Propagator(random_features(1, 8, 9, 10)[0], torch.rand(2, 9, 10), preset(name))
         assert engine.shortlist == (name != "timecycle"), name
     scored = []
-    select = propagate_module._select
+    select = kernels.select
 
     def counting(*args):
         scored.append(select(*args))  # the (key, query) pairs scored exactly
         return scored[-1]
 
-    monkeypatch.setattr(propagate_module, "_select", counting)
+    monkeypatch.setattr(kernels, "select", counting)
     g = torch.Generator().manual_seed(4)
     smooth = F.interpolate(torch.randn(6, 32, 4, 5, generator=g), size=(32, 40), mode="bilinear", align_corners=False)
     feats = F.normalize(smooth + 0.01 * torch.randn(smooth.shape, generator=g), dim=1)  # no two cells alike

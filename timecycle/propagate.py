@@ -48,7 +48,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -243,62 +242,9 @@ def _code(x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return code, (wide - diff).norm(dim=-1) * (1 + 2.0 ** -10) + _U_F32 * size, size
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """a . b in a's float64, summed in any order: the bound on an exact score's error
-    (:meth:`_Propagator._code_queries`) holds for every order, and this one vectorises.
-    Not inlined: numba would drop the fast-math flags with the call."""
-    total = 0.0
-    for c in range(a.shape[0]):
-        total += a[c] * b[c]
-    return total
-
-
-@numba.njit(nogil=True, cache=True)
-def _select(q, feats, absent, approximate, run_bounds, key_errors, weights, theta, reach, rows, cols, slots, top,
-            left, width, values, keys, first, last):
-    """For queries first..last of a tile, the k best exact scores, ``values`` (Q, k)
-    filled in place, and their keys' indices into the buffers, ``keys`` (Q, k), among
-    the keys that may be among them (see :meth:`_Context.exact`).
-
-    About 1 run in 100 reaches a query's threshold and a key stays for a few of a
-    tile's queries only, so scoring what stays as matrices, or taking the flagged pairs
-    apart with tensor ops, costs more in memory traffic and bookkeeping than the float64
-    products themselves; one loop does it all, runs outermost so that the keys of a run
-    are read once for every query that wants them. Ties keep the key met first.
-    Returns how many (key, query) pairs it scored."""
-    k, scored = values.shape[1], 0
-    bits = np.empty(1, np.uint32)
-    approx = bits.view(np.float32)  # a bfloat16 score is the top half of a float32's bits
-    for run in range(run_bounds.shape[0]):  # runs are ordered (band, row, slot)
-        band, row, slot = run // (rows * slots), run // slots % rows, run % slots
-        for i in range(first, last):
-            if not run_bounds[run, i] >= theta[i]:
-                continue
-            for j in range(_RUN):
-                col = band * _RUN + j  # within the block
-                key = ((top + row) * width + left + col) * slots + slot  # in the buffers
-                bits[0] = np.uint32(approximate[((band * rows + row) * _RUN + j) * slots + slot, i]) << 16
-                bound = approx[0] + (key_errors[key, 0] * weights[0, i] + key_errors[key, 1] * weights[1, i])
-                if reach.shape[0]:
-                    bound += reach[row * cols + col, i]
-                if not bound >= theta[i]:
-                    continue
-                score = _dot(q[i], feats[key]) + absent[key]
-                scored += 1
-                m = k - 1
-                if not score > values[i, m]:
-                    continue
-                while m > 0 and values[i, m - 1] < score:
-                    values[i, m], keys[i, m] = values[i, m - 1], keys[i, m - 1]
-                    m -= 1
-                values[i, m], keys[i, m] = score, key
-    return scored
-
-
 @functools.cache
 def _helpers(threads: int) -> ThreadPoolExecutor:
-    """Threads that run :func:`_select` on parts of a tile, beside the caller's."""
+    """Threads that run :func:`timecycle.kernels.select` on parts of a tile, beside the caller's."""
     return ThreadPoolExecutor(threads, thread_name_prefix="timecycle-select")
 
 
@@ -461,8 +407,10 @@ class _Context:
         The runs of the block whose upper bound, ``run_bounds`` (runs, Q), reaches the
         query's ``theta`` (Q,) may hold one of its k best; of their keys, those whose
         approximate score plus its error bound, key errors (2,) @ ``weights`` (2, Q),
-        reaches theta are scored, by :func:`_select`, with the tile's queries split
-        among as many threads as torch uses."""
+        reaches theta are scored, by :func:`timecycle.kernels.select`, with the tile's
+        queries split among as many threads as torch uses."""
+        from timecycle import kernels  # numba, imported where it runs: never on a GPU
+
         top, left = self._block(y0, x0)
         (rows, cols), n = self.span, len(q)
         values = torch.full((n, k), -math.inf, dtype=torch.float64)
@@ -472,11 +420,12 @@ class _Context:
                                                  approximate.view(torch.int16), run_bounds,
                                                  self.key_errors.view(-1, 2), weights, theta, reach)]
         args[3] = args[3].view(np.uint16)  # bfloat16's bits, which numba has no type for
-        args += [rows, cols, self.slots, top, left, self.feats.shape[1], values.numpy(), keys.numpy()]
+        args += [_RUN, rows, cols, self.slots, top, left, self.feats.shape[1], values.numpy(), keys.numpy()]
         workers = min(torch.get_num_threads(), n)
         bounds = [n * i // workers for i in range(workers + 1)]
-        helpers = [_helpers(workers - 1).submit(_select, *args, lo, hi) for lo, hi in zip(bounds[1:], bounds[2:])]
-        _select(*args, 0, bounds[1])
+        helpers = [_helpers(workers - 1).submit(kernels.select, *args, lo, hi)
+                   for lo, hi in zip(bounds[1:], bounds[2:])]
+        kernels.select(*args, 0, bounds[1])
         for helper in helpers:
             helper.result()
         return values, self.labs.view(-1, self.labs.shape[-1])[keys]
