@@ -222,6 +222,31 @@ def test_the_shortlist_is_the_same_on_any_number_of_threads():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_select_keeps_the_best_of_what_the_bounds_let_through():
+    """The compiled selection on a hand-made block of 2 runs of 2 keys (one row, one
+    slot, no error terms): a run whose bound ties theta is searched, one at -inf is not
+    even where its keys would win; a key whose bound falls short of theta is not
+    scored; a query past the grid (theta inf) keeps nothing; a key not there scores
+    -inf; the best come first, and of two equal scores the key met first stays."""
+    kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
+    q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # (Q, C)
+    feats = np.array([[1, 0], [0, 1], [1, 1], [0.5, 0]], dtype=np.float32)  # keys 0..3, two runs
+    absent = np.array([0, 0, 0, -math.inf], dtype=np.float32)  # key 3 is not there
+    approx = torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [9.0, 0, 0], [9.0, 0, 0]]).bfloat16()  # (keys, Q)
+    approx = approx.view(torch.int16).numpy().view(np.uint16)
+    run_bounds = np.array([[0.5, 0, 0], [-math.inf, 0, 0]], dtype=np.float32)  # (runs, Q)
+    theta = np.array([0.5, math.inf, -3.0], dtype=np.float32)
+    errors, weights = np.zeros((4, 2), np.float32), np.zeros((2, 3), np.float32)
+    values, keys = np.full((3, 2), -math.inf), np.zeros((3, 2), np.int64)
+    scored = kernels.select(q, feats, absent, approx, run_bounds, errors, weights, theta, np.zeros((0, 3), np.float32),
+                            2, 1, 4, 1, 0, 0, 4, values, keys, 0, 3)
+    # Query 0: key 0 (bound 1 >= 0.5) only; key 1's bound 0 < 0.5, run 1 is out of reach.
+    # Query 2: every key, scores 1, 1, 2 and -inf; keys 0 and 1 tie, and 0 came first.
+    assert scored == 1 + 0 + 4
+    np.testing.assert_array_equal(values, [[1, -math.inf], [-math.inf, -math.inf], [2, 1]])
+    np.testing.assert_array_equal(keys[[0, 2]], [[0, 0], [2, 0]])
+
+
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "post-relu"])
 @pytest.mark.parametrize("channels", [16, 256])
 def test_the_bfloat16_error_bound_holds(signed, channels):

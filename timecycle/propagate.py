@@ -24,13 +24,13 @@ then rules out most keys, run by run of neighbouring cells and then key by key, 
 only the (key, query) pairs left are scored, in float64, and ranked, by one compiled
 loop (numba), as a key that stays does so for a few of a tile's queries only. No key
 that an exact computation would keep is ever ruled out, however close the scores, so
-the result is the exact one by construction, near-ties ranked as in float64. Other settings (a
-per-frame softmax or top-k) and other devices score every key in float32, many tiles
-in one batch of kernels: a GPU would otherwise spend its time launching them. bfloat16
-matmuls are only fast on contiguous operands, so the codes are stored in bands one run
-wide, in which a tile's block is a few contiguous matrices, every key stored once: at
-480p, the codes of CRW's 20 context frames take 0.5 GB for a ResNet-50 (1024
-channels), besides 1 GB of float32 features, and 0.13 GB for a ResNet-18.
+the result is the exact one by construction, near-ties ranked as in float64. Other
+settings (a per-frame softmax or top-k) and other devices score every key in float32,
+many tiles in one batch of kernels: a GPU would otherwise spend its time launching
+them. bfloat16 matmuls are only fast on contiguous operands, so the codes are stored
+in bands one run wide, in which a tile's block is a few contiguous matrices, every key
+stored once: at 480p, the codes of CRW's 20 context frames take 0.5 GB for a ResNet-50
+(1024 channels), besides 1 GB of float32 features, and 0.13 GB for a ResNet-18.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
