@@ -180,7 +180,7 @@ def main() -> None:
 
     cfg = resolve_config(args.preset)
     print(f"preset {args.preset}: {cfg}")
-    print(f"device {args.device}, {args.threads} threads; features not projected")
+    print(f"device {args.device}, {args.threads} threads; the encoders' own features (no projection head)")
     name = max(18, 2 + max(map(len, args.models)))  # the model column's width: checkpoint paths can be long
     print(f"{'model':<{name}}{'video':<13}{'frames':>7}{'decode s/f':>12}{'extract s/f':>13}{'propagate s/f':>15}"
           f"{'prop/extr':>11}{'fps':>7}{'peak RSS GiB':>14}{'J':>7}{'load':>7}")

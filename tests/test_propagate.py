@@ -22,7 +22,8 @@ from timecycle.propagate import (
     PRESETS,
     InputSize,
     PropagationConfig,
-    _code,
+    _code_dims,
+    _Coder,
     _Geometry,
     _Propagator,
     one_hot,
@@ -236,9 +237,9 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     approx = approx.view(torch.int16).numpy().view(np.uint16)
     run_bounds = np.array([[0.5, 0, 0], [-math.inf, 0, 0]], dtype=np.float32)  # (runs, Q)
     theta = np.array([0.5, math.inf, -3.0], dtype=np.float32)
-    errors, weights = np.zeros((4, 2), np.float32), np.zeros((2, 3), np.float32)
+    errors, weights = np.zeros((4, 3), np.float32), np.zeros((3, 3), np.float32)
     values, keys = np.full((3, 2), -math.inf), np.zeros((3, 2), np.int64)
-    scored = kernels.select(q, feats, absent, approx, run_bounds, errors, weights, theta, np.zeros((0, 3), np.float32),
+    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 3), np.float32), run_bounds, errors, weights, theta,
                             2, 1, 4, 1, 0, 0, 4, values, keys, 0, 3)
     # Query 0: key 0 (bound 1 >= 0.5) only; key 1's bound 0 < 0.5, run 1 is out of reach.
     # Query 2: every key, scores 1, 1, 2 and -inf; keys 0 and 1 tie, and 0 came first.
@@ -247,31 +248,76 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     np.testing.assert_array_equal(keys[[0, 2]], [[0, 0], [2, 0]])
 
 
+def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
+    """The compiled seeding on a hand-made block of 4 runs of 2 keys in 2 slabs (one row,
+    one slot): of a slab row's runs the one with the highest best is searched, the
+    first of two equal; in it the key with the best approximate score among those
+    there and within reach is scored exactly; a run with none, or row -1, leaves -inf."""
+    kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
+    q = np.array([[1.0, 2.0], [3.0, 1.0]])  # (Q, C)
+    feats = np.arange(16, dtype=np.float32).reshape(8, 2)  # keys 0..7: runs (0, 1), (2, 3), (4, 5), (6, 7)
+    absent = np.zeros(8, np.float32)
+    absent[6] = -math.inf  # key 6 is not there
+    approx = torch.zeros(8, 2)
+    approx[4:6, 0] = torch.tensor([3.0, 7.0])
+    approx[6:, 1] = torch.tensor([9.0, 1.0])
+    approx = approx.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    reach = np.zeros((8, 2), np.float32)
+    reach[[2, 3, 5], 0] = -math.inf  # out of query 0's reach: run 1 and key 5
+    best = np.array([[1, 0], [0, 2], [5, 0], [0, 9]], dtype=np.float32)  # (runs, Q); slab rows: runs 0 | 2, 1 | 3
+    rows = np.array([[0, -1], [1, 1]])  # (j, Q)
+    values = np.full((2, 2), -math.inf)
+    kernels.seed(q, feats, absent, approx, reach, best, rows, 2, 2, 1, 8, 1, 0, 0, 8, values)
+    # Query 0, row 0: run 2 (5 > 1), whose key 5 is out of reach: key 4, (8, 9) . (1, 2) = 26.
+    # Query 0, row 1: runs 1 and 3 tie at 0, run 1 is searched and has no key within reach.
+    # Query 1, row 1: run 3 (9 > 2), whose key 6 is not there: key 7, (14, 15) . (3, 1) = 57.
+    np.testing.assert_array_equal(values, [[26, -math.inf], [-math.inf, 57]])
+
+
+def low_rank_features(frames: int, channels: int, h: int, w: int, rank: int = 48, seed: int = 0,
+                      relu: bool = False) -> torch.Tensor:
+    """Unit features that vary mostly in ``rank`` directions, as a deep encoder's do, and
+    a little in every other: with more channels than a code keeps (:func:`_code_dims`),
+    the code's coordinates hold most of each vector and its residual is small."""
+    g = torch.Generator().manual_seed(seed)
+    latent, mixing = torch.randn(frames, rank, h, w, generator=g), torch.randn(rank, channels, generator=g)
+    noise = 0.3 * torch.randn(frames, channels, h, w, generator=g)
+    if relu:  # all positive, as after a ReLU
+        latent, mixing, noise = latent.relu(), mixing.abs(), noise.abs()
+    return F.normalize(torch.einsum("trhw,rc->tchw", latent, mixing) + noise, dim=1)
+
+
+def test_codes_keep_every_channel_up_to_256_and_about_a_quarter_beyond():
+    assert [_code_dims(c) for c in (16, 125, 256, 512, 1024, 2048)] == [16, 125, 256, 253, 253, 509]
+
+
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "post-relu"])
-@pytest.mark.parametrize("channels", [16, 256])
+@pytest.mark.parametrize("channels", [16, 256, 512])
 def test_the_bfloat16_error_bound_holds(signed, channels):
     """Every approximate score is within its bound of q . k - q . c - t (the exact score
     less the query's constants), as the bfloat16 matmul computes it on this machine, and
-    the bound is a few units in bfloat16's last place where the kept keys are."""
-    g = torch.Generator().manual_seed(channels)
-    feats = torch.randn(4, channels, 16, 24, generator=g)
-    feats = F.normalize(feats if signed else feats.relu() + 0.05 * torch.rand(feats.shape, generator=g), dim=1)
+    the bound is a few units in bfloat16's last place where the kept keys are. At 512
+    channels the codes keep 253 coordinates, and the residuals' product is in the bound."""
+    feats = low_rank_features(4, channels, 16, 24, seed=channels, relu=not signed)
     engine = _Propagator(feats[0], torch.rand(2, 16, 24), PropagationConfig(context=2, radius=None))
+    coder = engine.groups[0].coder
+    assert (coder.basis is None) == (channels <= 256) and coder.dims == (channels if channels <= 256 else 253)
     for t in (1, 2):
         engine.step(feats[t])
     cells = feats[3].permute(1, 2, 0).contiguous()
-    engine._code_queries(cells, _code(cells, engine.groups[0].centre))
+    engine._code_queries(cells, coder(cells))
     group = engine.groups[0]
-    c = group.centre.double()
+    c = coder.centre.double()
     for y0, x0 in [(0, 0), (0, 16)]:
         tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
         codes = engine.codes[tile].flatten(0, 1)
-        approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q), band by band
+        approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q), band by band, runs' keys innermost
         rows, cols, slots = group.feats.shape[:3]
-        approximate = approximate.view(cols // _RUN, rows, _RUN, slots, -1).transpose(0, 1).reshape(-1, len(codes))
+        approximate = approximate.view(cols // _RUN, rows, slots, _RUN, -1).permute(1, 0, 3, 2, 4)
+        approximate = approximate.reshape(-1, len(codes))  # as the buffers: (rows, cols, slots)
         q = feats[3].permute(1, 2, 0)[tile].flatten(0, 1).double()  # (Q, C), cells past the grid are 0
         keys = group.feats.flatten(0, 2).double()  # (N, C)
-        shift = codes[:, channels + 2].double()  # -t
+        shift = codes[:, coder.dims + 2].double()  # -t
         exact = (keys @ q.T - q @ c + shift).double()
         bound = (approximate.abs() * 2.0 ** -8 / (1 - 2.0 ** -8) + engine.bounds[0][tile].flatten()
                  + group.key_errors.flatten(0, 2).double() @ engine.weights[tile].flatten(0, 1).T.double())
@@ -279,6 +325,51 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
         assert ((approximate - exact).abs() <= bound)[real].all()
         best = exact.masked_fill(~real, -math.inf).argmax(0)  # where the kept keys are
         assert bound.gather(0, best[None]).max() < 0.01  # a few units in bfloat16's last place
+
+
+def test_a_code_bounds_what_it_leaves_out():
+    """The coder's bounds on hand-checkable vectors: features in a 2-d plane coded in 253
+    of 512 coordinates leave (nearly) nothing out; a vector off the first frame's
+    directions leaves out exactly its part off them, and its bounds hold in float64."""
+    g = torch.Generator().manual_seed(0)
+    plane = torch.linalg.qr(torch.randn(512, 2, generator=g, dtype=torch.float64)).Q.float()  # (C, 2) orthonormal
+    first = F.normalize(torch.randn(6, 7, 2, generator=g) @ plane.T + 1.0, dim=-1)  # (h, w, C)
+    coder = _Coder(first)
+    assert coder.dims == 253 and coder.basis.shape == (512, 253) and coder.defect < 1e-10
+    code, bounds, beta = coder(first)
+    residual = bounds[..., 2]
+    diff = first.double() - coder.centre.double()
+    assert residual.max() < 2e-6  # the first frame lies in the basis' span, but for float32's rounding
+    torch.testing.assert_close(beta, diff @ coder.centre.double())
+    x = torch.randn(5, 512, generator=g)
+    code, bounds, _ = coder(x)
+    off, size, residual = bounds.double().unbind(-1)
+    diff = x.double() - coder.centre.double()
+    coords = diff @ coder.basis
+    assert torch.all(residual >= (diff - coords @ coder.basis.T).norm(dim=-1))
+    assert torch.all(residual <= (diff - coords @ coder.basis.T).norm(dim=-1) * (1 + 1e-5))
+    assert torch.all(off >= (code.double() - coords).norm(dim=-1)) and torch.all(off <= 2.0 ** -8 * size)
+    assert torch.all(size >= coords.norm(dim=-1)) and torch.all(size >= code.double().norm(dim=-1))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["signed", "post-relu"])
+def test_projected_codes_equal_dense_reference(monkeypatch, relu):
+    """With 512 channels the codes keep 253 coordinates of each vector: what they leave
+    out widens the bounds but rules out no key that the dense reference keeps."""
+    kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
+    scored = []
+    select = kernels.select
+    monkeypatch.setattr(kernels, "select", lambda *args: scored.append(select(*args)) or scored[-1])
+    feats = low_rank_features(8, 512, 20, 26, seed=5, relu=relu)
+    first = torch.rand(3, 20, 26, generator=torch.Generator().manual_seed(1))
+    for name in ("crw", "dino"):
+        cfg = dataclasses.replace(preset(name), context=3)
+        engine = _Propagator(feats[0], first, cfg)
+        assert engine.groups[0].coder.dims == 253
+        for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
+        if name == "crw":  # a query meets 520 keys of the first frame and up to 3 * 441 in the ring; 16 are scored
+            assert sum(scored) / (7 * 520) < 0.05 * (520 + 3 * 441)
 
 
 @pytest.mark.parametrize("spread", [1e-3, 3e-2])

@@ -1,7 +1,7 @@
-"""The compiled CPU loop of the propagation engine's shortlist (:mod:`timecycle.propagate`).
+"""The compiled CPU loops of the propagation engine's shortlist (:mod:`timecycle.propagate`).
 
-It lives apart so that numba is imported, and the loop compiled (about 2.5 s, then
-cached), only where it runs: a GPU scores every key in float32 and never needs it.
+They live apart so that numba is imported, and the loops compiled (about 2.5 s, then
+cached), only where they run: a GPU scores every key in float32 and never needs them.
 """
 from __future__ import annotations
 
@@ -22,7 +22,38 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @numba.njit(nogil=True, cache=True)
-def select(q, feats, absent, approximate, run_bounds, key_errors, weights, theta, reach, run, rows, cols, slots,
+def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows, cols, slots, top, left, width,
+         values):
+    """For query i and row ``slab_rows[j, i]`` (-1: none) of the block's runs in slabs of
+    ``slab`` runs, ``values[i, j]`` = the float64 score of the key with the best
+    approximate score among those within reach of the query and there, in the run of
+    that row with the highest ``best`` (runs, Q), if any."""
+    bits = np.empty(1, np.uint32)
+    approx = bits.view(np.float32)  # a bfloat16 score is the top half of a float32's bits
+    for i in range(slab_rows.shape[1]):
+        for j in range(slab_rows.shape[0]):
+            r = slab_rows[j, i]
+            if r < 0:
+                continue
+            for s in range(r + slab, best.shape[0] // slab * slab, slab):  # the row's run in each later slab
+                if best[s, i] > best[r, i]:
+                    r = s
+            band, row, slot = r // (rows * slots), r // slots % rows, r % slots
+            top_score, chosen = -np.inf, -1
+            for m in range(run):
+                col = band * run + m  # within the block
+                key = ((top + row) * width + left + col) * slots + slot  # in the buffers
+                if absent[key] != 0 or (reach.shape[0] and reach[row * cols + col, i] != 0):
+                    continue
+                bits[0] = np.uint32(approximate[r * run + m, i]) << 16
+                if approx[0] > top_score:
+                    top_score, chosen = approx[0], key
+            if chosen >= 0:
+                values[i, j] = dot(q[i], feats[chosen])
+
+
+@numba.njit(nogil=True, cache=True)
+def select(q, feats, absent, approximate, reach, run_bounds, key_errors, weights, theta, run, rows, cols, slots,
            top, left, width, values, keys, first, last):
     """For queries first..last of a tile, the k best exact scores, ``values`` (Q, k)
     filled in place, and their keys' indices into the buffers, ``keys`` (Q, k), among
@@ -37,17 +68,23 @@ def select(q, feats, absent, approximate, run_bounds, key_errors, weights, theta
     Returns how many (key, query) pairs it scored."""
     k, scored = values.shape[1], 0
     bits = np.empty(1, np.uint32)
-    approx = bits.view(np.float32)  # a bfloat16 score is the top half of a float32's bits
-    for r in range(run_bounds.shape[0]):  # runs are ordered (band, row, slot)
+    approx = bits.view(np.float32)
+    for r in range(run_bounds.shape[0]):  # runs are ordered (band, row, slot), their keys innermost
+        flagged = 0
+        for i in range(first, last):  # vectorised: most runs reach no query's threshold
+            flagged += run_bounds[r, i] >= theta[i]
+        if flagged == 0:
+            continue
         band, row, slot = r // (rows * slots), r // slots % rows, r % slots
         for i in range(first, last):
             if not run_bounds[r, i] >= theta[i]:
                 continue
             for j in range(run):
-                col = band * run + j  # within the block
-                key = ((top + row) * width + left + col) * slots + slot  # in the buffers
-                bits[0] = np.uint32(approximate[((band * rows + row) * run + j) * slots + slot, i]) << 16
-                bound = approx[0] + (key_errors[key, 0] * weights[0, i] + key_errors[key, 1] * weights[1, i])
+                col = band * run + j
+                key = ((top + row) * width + left + col) * slots + slot
+                bits[0] = np.uint32(approximate[r * run + j, i]) << 16
+                bound = approx[0] + (key_errors[key, 0] * weights[0, i] + key_errors[key, 1] * weights[1, i]
+                                     + key_errors[key, 2] * weights[2, i])
                 if reach.shape[0]:
                     bound += reach[row * cols + col, i]
                 if not bound >= theta[i]:

@@ -19,18 +19,21 @@ Scoring every key in float32 and sorting the scores costs several times what the
 encoder does. So with one softmax over the kept keys and a joint top-k (CRW, DINO and
 VFS) on the CPU, a tile first scores its keys in bfloat16, which the CPU's matrix
 units run several times faster, with a bound on every approximate score's error
-computed from the norms of what was rounded. A lower bound on the k-th best score
-then rules out most keys, run by run of neighbouring cells and then key by key, and
-only the (key, query) pairs left are scored, in float64, and ranked, by one compiled
-loop (numba), as a key that stays does so for a few of a tile's queries only. No key
-that an exact computation would keep is ever ruled out, however close the scores, so
-the result is the exact one by construction, near-ties ranked as in float64. Other
+computed from the norms of what was rounded; beyond 256 channels, the codes keep the
+features' coordinates in the first frame's main directions only, and the bound what
+they leave out. The exact scores of a few keys that score best approximately give a
+lower bound on the k-th best score, which then rules out most keys, run by run of
+neighbouring cells and then key by key, and only the (key, query) pairs left are
+scored, in float64, and ranked, by one compiled loop (numba), as a key that stays
+does so for a few of a tile's queries only. No key that an exact computation would
+keep is ever ruled out, however close the scores, so the result is the exact one by
+construction, near-ties ranked as in float64. Other
 settings (a per-frame softmax or top-k) and other devices score every key in float32,
 many tiles in one batch of kernels: a GPU would otherwise spend its time launching
 them. bfloat16 matmuls are only fast on contiguous operands, so the codes are stored
 in bands one run wide, in which a tile's block is a few contiguous matrices, every key
-stored once: at 480p, the codes of CRW's 20 context frames take 0.5 GB for a ResNet-50
-(1024 channels), besides 1 GB of float32 features, and 0.13 GB for a ResNet-18.
+stored once: at 480p, the codes of CRW's 20 context frames take 0.13 GB for a ResNet-18
+or a ResNet-50, besides 0.25 and 1 GB of float32 features.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
@@ -217,10 +220,23 @@ _SLACK = 2.0 ** -18  # covers the float32 roundings in applying the bounds
 _BATCH_BYTES = {"cpu": 2 ** 26, "accelerator": 2 ** 31}
 
 
-def _code_width(channels: int) -> int:
-    """Channels of a bfloat16 code: the features' and three more, padded to a multiple
-    of 16, which the CPU's matrix units take faster."""
-    return 16 * -(-(channels + 3) // 16)
+def _code_width(dims: int) -> int:
+    """Entries of a bfloat16 code: the ``dims`` coordinates and three more, padded to a
+    multiple of 16, which the CPU's matrix units take faster."""
+    return 16 * -(-(dims + 3) // 16)
+
+
+def _code_dims(channels: int) -> int:
+    """Coordinates a code keeps of ``channels``: all of them up to 256, else about a
+    quarter, at least 253 (a code of 256). The bfloat16 matmul's work is proportional
+    to the code, and what the coordinates leave out enters the bound only as a product
+    of two small residuals. On DAVIS's car-shadow at 480p, ResNet-50's 1024 channels in
+    253 coordinates leave 73 keys a query to score exactly (48 at all 1024) for a
+    quarter of the matmul, 0.4 s a frame less on 2 cores; ResNet-18's 256 in 125
+    would leave 123 (52), which costs more than the half of its matmul saves."""
+    if channels <= 256:
+        return channels
+    return max(253, 32 * round(channels / 128) - 3)
 
 
 def _gamma(n: int, u: float) -> float:
@@ -228,18 +244,52 @@ def _gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
 
 
-def _code(x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Vectors x (..., C) centred and rounded to bfloat16, with upper bounds on
-    ||code - (x - c)|| and on max(||x - c||, ||code||), (...,) each.
+class _Coder:
+    """The shortlist's bfloat16 codes of feature vectors: the coordinates of x - c in an
+    orthonormal basis U (C, d) of the directions in which the first frame's features,
+    centred on their mean c, vary most (:func:`_code_dims`), rounded to bfloat16.
 
-    x - c is rounded once in float32, by at most u32 |x_i - c_i| per entry, and code
-    minus that is exact (Sterbenz), so ||code - (x - c)|| <= ||code - fl(x - c)|| + u32
-    ||x - c||; float32 norms of C < 16000 entries are within 2^-10 of the exact ones."""
-    diff = x - centre
-    code = diff.bfloat16()
-    wide = code.float()
-    size = torch.maximum(diff.norm(dim=-1), wide.norm(dim=-1)) * (1 + 2.0 ** -10)
-    return code, (wide - diff).norm(dim=-1) * (1 + 2.0 ** -10) + _U_F32 * size, size
+    With a = U^T (x - c), p = x - c - U a and E = U^T U - I, exactly
+    (q - c) . (k - c) = a_q . a_k + p_q . p_k - a_q^T E a_k, and for codes a~,
+    |a_q . a_k - a~_q . a~_k| <= ||a~_q|| ||a~_k - a_k|| + ||a~_q - a_q|| ||a_k||. So
+    per vector the bound needs ||a~ - a||, max(||a||, ||a~||) and ||p||, what the code
+    leaves out, which enters as ||p_q|| ||p_k||: second order. ||p||^2 = ||x - c||^2 -
+    ||a||^2 + a^T E a is computed as that difference, in float64: ``eta`` ||x - c||^2
+    covers its roundings, those of a (at most gamma_C ||U||_F ||x - c||) and E, whose
+    norm U from float64 eigenvectors keeps near 1e-14 (``defect``)."""
+
+    def __init__(self, first: Tensor) -> None:
+        """From the first frame's features (h, w, C)."""
+        cells = first.reshape(-1, first.shape[-1])
+        channels, self.dims = cells.shape[1], _code_dims(cells.shape[1])
+        self.centre = cells.mean(0)  # (C,), float32 as the keys
+        self.basis, self.defect = None, 0.0  # None: U = I, the code is x - c itself
+        if self.dims < channels:
+            centred = cells.double() - self.centre.double()
+            basis = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -self.dims:]  # (C, d), main directions
+            eye = torch.eye(self.dims, dtype=torch.float64, device=basis.device)
+            self.basis = basis.contiguous()
+            self.defect = float((basis.T @ basis - eye).norm()) + _gamma(channels, _U_F64) * self.dims
+        gammas = _gamma(channels + 2, _U_F64) + _gamma(self.dims + 2, _U_F64)
+        self.eta = 2 * gammas * (1 + math.sqrt(self.dims)) + 2 * self.defect
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Codes (..., d) of vectors x (..., C); per vector upper bounds (..., 3) on
+        ||a~ - a||, max(||a||, ||a~||) and ||p||, float32; and c . (x - c) (...,), float64."""
+        c = self.centre.double()
+        diff = x.double() - c
+        length = (diff * diff).sum(-1)  # ||x - c||^2
+        if self.basis is None:
+            coords, residual = diff, torch.zeros_like(length)
+        else:
+            coords = diff @ self.basis  # (..., d)
+            residual = ((length - (coords * coords).sum(-1)).clamp_(min=0) + self.eta * length).sqrt()
+        code = coords.bfloat16()
+        wide = code.double()
+        slack = self.eta * length.sqrt()
+        bounds = torch.stack([(wide - coords).norm(dim=-1) + slack,
+                              torch.maximum(coords.norm(dim=-1), wide.norm(dim=-1)) + slack, residual], -1)
+        return code, (bounds * (1 + 2.0 ** -20)).float(), diff @ c  # bounds rounded up to float32
 
 
 @functools.cache
@@ -289,19 +339,21 @@ class _Context:
     Buffers are channels-last with the slots innermost, (rows, cols, S, C), and padded
     around the grid so that every tile's block lies inside them, its left edge on a
     multiple of the run length. Besides the float32 features, a group that shortlists
-    keeps bfloat16 codes of the keys centred on ``centre`` c, [k - c, beta_hi, beta_lo, 1]
-    with beta = c . (k - c) = beta_hi + beta_lo nearly exactly: against a query's code
-    [q - c, 1, 1, -t] a key's scores q . k - q . c - t, the score less a constant of the
-    query. Centred features are short, so their rounding errors are small, and t brings
-    the best scores near 0, where the bfloat16 output's rounding is smallest. A key
-    that is not there (padding, a slot not filled yet) codes _ABSENT.
+    keeps bfloat16 codes of the keys, [a~_k, beta_hi, beta_lo, 1] with a~_k the
+    coordinates of k - c (:class:`_Coder`, c the first frame's mean) and beta =
+    c . (k - c) = beta_hi + beta_lo nearly exactly: against a query's code [a~_q, 1, 1,
+    -t] a key scores about q . k - q . c - t, the score less a constant of the query.
+    Centred features are short, so their rounding errors are small, and t brings the
+    best scores near 0, where the bfloat16 output's rounding is smallest. A key that is
+    not there (padding, a slot not filled yet) codes _ABSENT. A run's keys are stored
+    together, so that their scores are neighbouring rows of a block's scores.
     """
 
     def __init__(self, slots: int, grid: tuple[int, int], tiles: tuple[int, int], channels: int, classes: int,
-                 radius: float | None, cfg: PropagationConfig, centre: Tensor | None, device: torch.device):
+                 radius: float | None, cfg: PropagationConfig, coder: _Coder | None, device: torch.device):
         self.h, self.w = grid
         self.slots, self.filled = slots, 0  # slots are filled in order, so the filled ones are a prefix
-        self.centre = centre  # (C,), or None: no shortlist
+        self.coder = coder  # None: no shortlist
         if radius is None:
             self.r, self.margin = None, 0
             self.span = (self.h, _RUN * -(-self.w // _RUN))
@@ -313,24 +365,23 @@ class _Context:
         self.feats = torch.zeros(rows, cols, slots, channels, device=device)
         self.labs = torch.zeros(rows, cols, slots, classes, device=device)
         self.absent = torch.full((rows, cols, slots), -math.inf, device=device)  # 0 where a key is
-        if centre is not None:
-            # Per key, ||k~ - (k - c)|| and max(||k - c||, ||k~||) for k~ its code's
-            # rounded k - c, rounded up to float32: (rows, cols, S, 2).
-            self.key_errors = torch.zeros(rows, cols, slots, 2, device=device)
+        if coder is not None:
+            # Per key, its code's bounds (see _Coder): (rows, cols, S, 3).
+            self.key_errors = torch.zeros(rows, cols, slots, 3, device=device)
             # Per slot, maxima over its keys of |beta_hi + beta_lo - beta|, |beta_hi| +
             # |beta_lo|, max(||k - c||, ||k~||) and ||k||.
             self.errors = torch.zeros(slots, 4, dtype=torch.float64, device=device)
-            # The codes in bands of one run's width, (cols / _RUN, rows, _RUN, S, C'):
+            # The codes in bands of one run's width, (cols / _RUN, rows, S, _RUN, C'):
             # matmuls in bfloat16 are only fast on contiguous operands, and a block's
             # rows of one band are contiguous, so a tile's block is a few matrices (the
             # whole buffer, one matrix, for a dense group), every code stored once.
-            self.codes = torch.zeros(cols // _RUN, rows, _RUN, slots, _code_width(channels), dtype=torch.bfloat16,
+            self.codes = torch.zeros(cols // _RUN, rows, slots, _RUN, _code_width(coder.dims), dtype=torch.bfloat16,
                                      device=device)
-            self.codes[..., channels] = _ABSENT
+            self.codes[..., coder.dims] = _ABSENT
         if radius is not None:
             # Whether key (a, b) of the block is within the radius of the tile's query
-            # (u, v): a 0 / -inf bias (R * B, Q); per run, whether all of its keys are,
-            # and a 0 / -inf bias for whether any is, (B / _RUN, R, 1, Q).
+            # (u, v): a 0 / -inf bias (R * B, Q); per run, a 0 / -inf bias for whether
+            # any of its keys is, (B / _RUN, R, 1, Q).
             u, v = (torch.arange(n, device=device) for n in _TILE)
             dy = (torch.arange(self.span[0], device=device)[:, None] - r - u).float()[:, None, :, None]
             dx = (torch.arange(self.span[1], device=device)[:, None] - r - v).float()[None, :, None, :]
@@ -342,62 +393,77 @@ class _Context:
             self.reach = torch.zeros(reach.shape, device=device).masked_fill_(~reach, -math.inf).flatten(0, 1)
             runs = reach.unflatten(1, (-1, _RUN))
             runs = runs.transpose(0, 1)  # (B / _RUN, R, _RUN, Q), as the block's runs are ordered
-            self.run_all = runs.all(2)[:, :, None]
             self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[3]), device=device).masked_fill_(
                 ~runs.any(2)[:, :, None], -math.inf)  # 0 where some key of the run is within reach
 
     def write(self, slot: int, keys: Tensor, labels: Tensor,
               coded: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         """Put a frame's keys (h, w, C) and labels (K, h, w) in ``slot``; ``coded``: the
-        keys' :func:`_code` on this group's centre, when the caller has it already."""
+        keys' codes (:class:`_Coder`), when the caller has them already."""
         cells = (slice(self.margin, self.margin + self.h), slice(self.margin, self.margin + self.w), slot)
         self.feats[cells] = keys
         self.labs[cells] = labels.permute(1, 2, 0)
         self.absent[cells] = 0
-        if self.centre is None:
+        if self.coder is None:
             return
-        code, off, size = coded or _code(keys, self.centre)  # (h, w, C), (h, w), (h, w)
-        c = self.centre.double()
-        beta = keys.double() @ c - c @ c  # c . (k - c), (h, w)
+        code, bounds, beta = coded or self.coder(keys)  # (h, w, d), (h, w, 3), (h, w)
         hi = beta.bfloat16()
         lo = (beta - hi.double()).bfloat16()
-        channels = keys.shape[-1]
-        codes = torch.zeros(*self.absent.shape[:2], _code_width(channels), dtype=torch.bfloat16,
+        dims = self.coder.dims
+        codes = torch.zeros(*self.absent.shape[:2], _code_width(dims), dtype=torch.bfloat16,
                             device=keys.device)  # (rows, cols, C')
-        codes[..., channels] = _ABSENT
-        codes[cells[:2] + (slice(None, channels + 3),)] = torch.cat(
+        codes[..., dims] = _ABSENT
+        codes[cells[:2] + (slice(None, dims + 3),)] = torch.cat(
             [code, hi[..., None], lo[..., None], torch.ones_like(hi)[..., None]], -1)
-        self.codes[:, :, :, slot] = codes.unflatten(1, (-1, _RUN)).transpose(0, 1)
-        self.key_errors[cells] = torch.stack([off, size], -1)
+        self.codes[:, :, slot] = codes.unflatten(1, (-1, _RUN)).transpose(0, 1)
+        self.key_errors[cells] = bounds
         hi, lo = hi.double(), lo.double()
-        self.errors[slot] = torch.stack([(hi + lo - beta).abs().max(), (hi.abs() + lo.abs()).max(), size.max(),
-                                         keys.norm(dim=-1).max() * (1 + 2.0 ** -10)])
+        self.errors[slot] = torch.stack([(hi + lo - beta).abs().max(), (hi.abs() + lo.abs()).max(),
+                                         bounds[..., 1].max(), keys.norm(dim=-1).max() * (1 + 2.0 ** -10)])
 
     def _block(self, y0: int, x0: int) -> tuple[int, int]:
         """Where the tile whose top-left cell is (y0, x0) meets the buffers: the block's top-left."""
         return (0, 0) if self.r is None else (y0, x0)
 
-    def approximate(self, codes: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Approximate scores (B / _RUN * R * _RUN * S, Q) of the block's keys for queries
-        coded (Q, C'), band by band as the codes are stored; each run's best of them
-        (B / _RUN * R * S, Q), over every run, to shortlist, and over the runs with every
-        key within reach, which are scores of real keys, for the lower bound; and the
-        maxima of the runs' key errors (B / _RUN * R * S, 2)."""
+    def approximate(self, codes: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Approximate scores (B / _RUN * R * S * _RUN, Q) of the block's keys for queries
+        coded (Q, C'), band by band as the codes are stored; each run's best of them,
+        -inf where no key of the run is within reach of the query (B / _RUN * R * S, Q);
+        and the maxima of the runs' key errors (B / _RUN * R * S, 3)."""
         top, left = self._block(y0, x0)
         (rows, cols), s = self.span, self.slots
-        block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, _RUN, S, C')
+        block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, S, _RUN, C')
         if block.is_contiguous():
             scores = torch.mm(block.view(-1, block.shape[-1]), codes.T)
         else:
-            scores = torch.empty(len(block), rows * _RUN * s, len(codes), dtype=codes.dtype, device=codes.device)
+            scores = torch.empty(len(block), rows * s * _RUN, len(codes), dtype=codes.dtype, device=codes.device)
             for band, out in zip(block, scores):
                 torch.mm(band.reshape(-1, band.shape[-1]), codes.T, out=out)
             scores = scores.view(-1, len(codes))
-        best = scores.view(cols // _RUN, rows, _RUN, s, -1).amax(2).float()  # (B / _RUN, R, S, Q)
+        best = scores.view(cols // _RUN, rows, s, _RUN, -1).amax(3).float()  # (B / _RUN, R, S, Q)
+        if self.r is not None:
+            best += self.run_reach
         errors = self.key_errors[top:top + rows, left:left + cols].unflatten(1, (-1, _RUN)).amax(2)
-        errors = errors.transpose(0, 1).reshape(-1, 2)
-        real = best if self.r is None else best.masked_fill(~self.run_all, -math.inf)
-        return scores, best.view(-1, len(codes)), real.view(-1, len(codes)), errors
+        return scores, best.view(-1, len(codes)), errors.transpose(0, 1).reshape(-1, 3)
+
+    def _kernel_args(self, q: Tensor, y0: int, x0: int, approximate: Tensor) -> list:
+        """The arguments of :mod:`timecycle.kernels`' loops that say where the tile's block is."""
+        (rows, cols), reach = self.span, self.reach if self.r is not None else torch.zeros(0, len(q))
+        args = [x.contiguous().numpy() for x in (q, self.feats.flatten(0, 2), self.absent.view(-1),
+                                                 approximate.view(torch.int16), reach)]
+        args[3] = args[3].view(np.uint16)  # bfloat16's bits, which numba has no type for
+        return args, [_RUN, rows, cols, self.slots, *self._block(y0, x0), self.feats.shape[1]]
+
+    def seed(self, q: Tensor, y0: int, x0: int, approximate: Tensor, best: Tensor, rows: Tensor,
+             values: Tensor) -> None:
+        """For each query i and row ``rows[j, i]`` (-1: none) of the block's runs in
+        _SLABS slabs, ``values[i, j]`` = the float64 score of the key that scores best in
+        ``approximate`` (keys, Q) of those within reach in the run of that row whose
+        ``best`` (runs, Q) is highest, if any (:func:`timecycle.kernels.seed`)."""
+        from timecycle import kernels  # numba, imported where it runs: never on a GPU
+
+        data, block = self._kernel_args(q, y0, x0, approximate)
+        kernels.seed(*data, best.contiguous().numpy(), rows.numpy(), len(best) // _SLABS, *block, values.numpy())
 
     def exact(self, q: Tensor, y0: int, x0: int, run_bounds: Tensor, approximate: Tensor, weights: Tensor,
               theta: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -406,21 +472,17 @@ class _Context:
 
         The runs of the block whose upper bound, ``run_bounds`` (runs, Q), reaches the
         query's ``theta`` (Q,) may hold one of its k best; of their keys, those whose
-        approximate score plus its error bound, key errors (2,) @ ``weights`` (2, Q),
+        approximate score plus its error bound, key errors (3,) @ ``weights`` (3, Q),
         reaches theta are scored, by :func:`timecycle.kernels.select`, with the tile's
         queries split among as many threads as torch uses."""
-        from timecycle import kernels  # numba, imported where it runs: never on a GPU
+        from timecycle import kernels
 
-        top, left = self._block(y0, x0)
-        (rows, cols), n = self.span, len(q)
+        n = len(q)
         values = torch.full((n, k), -math.inf, dtype=torch.float64)
         keys = torch.zeros((n, k), dtype=torch.int64)
-        reach = self.reach if self.r is not None else torch.zeros(0, n)
-        args = [x.contiguous().numpy() for x in (q, self.feats.flatten(0, 2), self.absent.view(-1),
-                                                 approximate.view(torch.int16), run_bounds,
-                                                 self.key_errors.view(-1, 2), weights, theta, reach)]
-        args[3] = args[3].view(np.uint16)  # bfloat16's bits, which numba has no type for
-        args += [_RUN, rows, cols, self.slots, top, left, self.feats.shape[1], values.numpy(), keys.numpy()]
+        data, block = self._kernel_args(q, y0, x0, approximate)
+        args = data + [x.contiguous().numpy() for x in (run_bounds, self.key_errors.view(-1, 3), weights, theta)]
+        args += block + [values.numpy(), keys.numpy()]
         workers = min(torch.get_num_threads(), n)
         bounds = [n * i // workers for i in range(workers + 1)]
         helpers = [_helpers(workers - 1).submit(kernels.select, *args, lo, hi)
@@ -481,13 +543,12 @@ class _Propagator:
         self.tiles = (-(-self.h // _TILE[0]), -(-self.w // _TILE[1]))
         self.queries = torch.zeros(self.tiles[0] * _TILE[0], self.tiles[1] * _TILE[1], self.channels, device=device)
         self.shortlist = _shortlists(cfg, device)
-        # Any centre keeps the bound; the first frame's mean makes the centred keys short.
-        centre = first.mean((1, 2)) if self.shortlist else None
+        coder = _Coder(first.permute(1, 2, 0)) if self.shortlist else None
         if self.shortlist:
-            self.codes = torch.zeros(*self.queries.shape[:2], _code_width(self.channels), dtype=torch.bfloat16,
+            self.codes = torch.zeros(*self.queries.shape[:2], _code_width(coder.dims), dtype=torch.bfloat16,
                                      device=device)
-            self.weights = torch.zeros(*self.queries.shape[:2], 2, device=device)
-            self.bounds = torch.zeros(2, *self.queries.shape[:2], dtype=torch.float64, device=device)
+            self.weights = torch.zeros(*self.queries.shape[:2], 3, device=device)
+            self.bounds = torch.zeros(3, *self.queries.shape[:2], dtype=torch.float64, device=device)
             self.past = torch.ones(self.queries.shape[:2], dtype=torch.bool, device=device)  # cells past the grid
             self.past[:self.h, :self.w] = False
 
@@ -495,10 +556,10 @@ class _Propagator:
         # the ring of ``cfg.context`` slots after it, or from slot 0 of a group of their own.
         n, dims = cfg.context, ((self.h, self.w), self.tiles, self.channels, self.classes)
         if cfg.radius is None or cfg.radius_on_first:
-            first_group = ring = _Context(1 + n, *dims, cfg.radius, cfg, centre, device)
+            first_group = ring = _Context(1 + n, *dims, cfg.radius, cfg, coder, device)
         else:
-            first_group = _Context(1, *dims, None, cfg, centre, device)
-            ring = _Context(n, *dims, cfg.radius, cfg, centre, device) if n else first_group
+            first_group = _Context(1, *dims, None, cfg, coder, device)
+            ring = _Context(n, *dims, cfg.radius, cfg, coder, device) if n else first_group
         first_group.write(0, first.permute(1, 2, 0).contiguous(), first_labels.to(device, torch.float32))
         first_group.filled = 1
         self.groups = [first_group] if ring is first_group else [first_group, ring]
@@ -524,7 +585,7 @@ class _Propagator:
         # A frame's codes as queries and as keys are the same: both centred on the first frame's mean.
         coded, (th, tw) = None, self.tiles
         if self.shortlist:
-            coded = _code(cells, self.groups[0].centre)
+            coded = self.groups[0].coder(cells)
             self._code_queries(cells, coded)
             preds = []
             for y0 in range(0, self.h, _TILE[0]):
@@ -553,30 +614,37 @@ class _Propagator:
         return pred
 
     def _code_queries(self, q: Tensor, coded: tuple[Tensor, Tensor, Tensor]) -> None:
-        """From queries (h, w, C) and their :func:`_code`, the queries' bfloat16 codes
-        [q - c, 1, 1, -t], and per query the terms of the bound on how far an
-        approximate score A is from the exact one less q . c + t.
+        """From queries (h, w, C) and their codes and bounds (:class:`_Coder`), the
+        queries' bfloat16 codes [a~_q, 1, 1, -t], and per query the terms of the bound on
+        how far an approximate score A is from the exact one less q . c + t.
 
-        With q~ the rounded q - c and k~, beta~ the rounded k - c, c . (k - c), the
-        matmul sums q~ . k~ + beta~ - t, and q~ . k~ - (q - c) . (k - c) = q~ . (k~ - (k - c))
-        + (q~ - (q - c)) . (k - c), which Cauchy-Schwarz bounds by ||q~|| ||k~ - (k - c)||
-        + ||q~ - (q - c)|| ||k - c||: a key's error terms weighted by the query's,
-        ``weights`` (h, w, 2). Besides, per query (``bounds``): e, beta~'s own error plus
-        the float32 sum's, at most gamma_(C+3) times the sum of the terms' magnitudes; and
-        e64, the float64 exact score's. The bfloat16 rounding of the sum is bounded
-        apart, relative to A."""
-        c = self.groups[0].centre
-        code, off, norm = coded
-        shift = (1 - q @ c).bfloat16()  # t ~ 1 - q . c: the best scores q . k are near 1
-        self.codes[:self.h, :self.w, :self.channels + 3] = torch.cat(
+        The matmul sums a~_q . a~_k + beta~ - t for a key's code [a~_k, beta~, 1], and
+        a~_q . a~_k is within ||a~_q|| ||a~_k - a_k|| + ||a~_q - a_q|| ||a_k|| + ||p_q||
+        ||p_k|| + ||E|| ||a_q|| ||a_k|| of (q - c) . (k - c) (see :class:`_Coder`): a key's
+        bounds weighted by the query's, ``weights`` (h, w, 3), and a last term per query.
+        Besides, per query (``bounds``): e, that term plus beta~'s own error plus the
+        float32 sum's, at most gamma_(d+3) times the sum of the terms' magnitudes; e64,
+        the float64 exact score's error plus that of q . c; and q . c + t, in float64.
+        The bfloat16 rounding of the sum is bounded apart, relative to A."""
+        coder = self.groups[0].coder
+        code, own, beta = coded
+        c = coder.centre.double()
+        cc = c @ c
+        qc = beta + cc  # q . c = c . (q - c) + c . c
+        shift = (1 - qc).bfloat16()  # t ~ 1 - q . c: the best scores q . k are near 1
+        self.codes[:self.h, :self.w, :coder.dims + 3] = torch.cat(
             [code, torch.ones_like(shift)[..., None].expand(-1, -1, 2), -shift[..., None]], -1)
-        self.weights[:self.h, :self.w] = torch.stack([norm, off], -1)
+        self.weights[:self.h, :self.w] = own[..., [1, 0, 2]]  # against a key's [off, size, residual]
         db, pb, size, kmax = torch.cat([g.errors[:g.filled] for g in self.groups]).amax(0).tolist()
-        norm, shift = norm.double(), shift.double()
-        sums = _gamma(self.channels + 3, _U_F32) * (norm * size + pb + shift.abs())
-        self.bounds[0, :self.h, :self.w] = db + sums + 2.0 ** -100  # bfloat16's subnormals are flushed
+        norm, shift = own[..., 1].double(), shift.double()
+        sums = _gamma(coder.dims + 3, _U_F32) * (norm * size + pb + shift.abs())
+        # + 2^-100: bfloat16's subnormals are flushed
+        self.bounds[0, :self.h, :self.w] = db + sums + coder.defect * norm * size + 2.0 ** -100
         q_norm = q.norm(dim=-1).double() * (1 + 2.0 ** -10)
-        self.bounds[1, :self.h, :self.w] = _gamma(self.channels, _U_F64) * q_norm * kmax
+        c_norm = cc.sqrt() * (1 + 2.0 ** -40)
+        self.bounds[2, :self.h, :self.w] = qc + shift  # within gamma_(C+2) ||c|| (||q|| + 2 ||c||) of q . c + t
+        self.bounds[1, :self.h, :self.w] = _gamma(self.channels + 2, _U_F64) * (q_norm * kmax
+                                                                               + c_norm * (q_norm + 2 * c_norm))
 
     def _shortlisted(self, q: Tensor, codes: Tensor, weights: Tensor, bounds: Tensor, past: Tensor, y0: int,
                      x0: int) -> tuple[Tensor, Tensor]:
@@ -584,45 +652,47 @@ class _Propagator:
         queries (Q, C), from the keys that the bfloat16 pass cannot rule out; queries
         past the grid rule out all.
 
-        The keys' approximate scores give each run's best (a run: neighbouring cells of
-        one row of one frame), and the k-th best of those a lower bound on the k-th best
-        exact score. Runs whose best, and then keys whose score, plus its error bound
-        cannot reach it are ruled out; the rest are scored in float64 and ranked.
+        The exact scores of any k keys bound the k-th best from below, and the more
+        closely the better: so each query scores, as seeds, the key that scores best
+        approximately in each of 2k distinct runs (a run: neighbouring cells of one row
+        of one frame) whose best approximate scores are high, the best runs of the 2k
+        best rows of slabs of runs. Runs whose best, and then
+        keys whose score, plus its error bound cannot reach the k-th best seed are ruled
+        out; the rest are scored in float64 and ranked.
 
         Per key, the exact score less q . c + t, S, is within e + e_key of the bfloat16
         matmul's float32 sum s (see :meth:`_code_queries`), and s within u |s| of its
         rounding A, so |s| <= |A| / (1 - u). All the bounds below follow from these, with
         f(A) = A - _U |A| <= the inverse of A + u |A| / (1 - u), which is increasing.
         """
-        k = self.cfg.top_k
+        k, n = self.cfg.top_k, len(q)
         groups = [g for g in self.groups if g.filled]
         approximate = [g.approximate(codes, y0, x0) for g in groups]
-        # Lower bound on the k-th best S: over slabs of runs, the k-th best maximum of
-        # M - (1 + _U) e_run, v, is that of k distinct runs, and each such run's best
-        # key has S >= f(M) - e_run - e >= f(v) - _U^2 e_run - e.
-        lower = torch.cat([torch.addmm(real, errors, weights, alpha=-(1 + _U)) for _, _, real, errors in approximate])
-        slabs = lower[:len(lower) // _SLABS * _SLABS].view(_SLABS, -1, len(q)).amax(0)
-        if len(slabs) < k:
-            slabs = lower
-        kth = slabs.topk(k, dim=0).values[-1].double() if len(slabs) >= k else torch.full_like(bounds[0], -math.inf)
-        e, e64 = bounds  # (Q,) each
-        largest = (weights.double() * torch.cat([a[3] for a in approximate]).amax(0).double()[:, None]).sum(0)
-        kth = kth - _U * kth.abs() - _U * _U * largest - e
-        # A key can be among the k best (with float64's rounding) only if its S upper
-        # bound reaches kth - 2 e64; sufficient: A + (1 + _U) e_key >= y - _U |y| with
-        # y = kth - 2 e64 - e, the threshold theta.
-        y = kth - 2 * e64 - e
+        # Each group's runs in _SLABS slabs: the best runs of 2k slab rows are 2k distinct runs.
+        slabs = [best[:len(best) // _SLABS * _SLABS].view(_SLABS, -1, n).amax(0) for _, best, _ in approximate]
+        rows = torch.cat(slabs)
+        rows = rows.topk(min(2 * k, len(rows)), dim=0).indices  # (2k, Q)
+        seeds = torch.full((n, len(rows)), -math.inf, dtype=torch.float64)
+        start = 0
+        for g, (approx, best, _), slab in zip(groups, approximate, slabs):
+            mine = (rows >= start) & (rows < start + len(slab))
+            g.seed(q, y0, x0, approx, best, torch.where(mine, rows - start, -1), seeds)
+            start += len(slab)
+        # The k-th best seed's float64 score v is at most the k-th best float64 score, so
+        # a key can be kept only if its S >= v - (q . c + t) - e64; sufficient:
+        # A + (1 + _U) e_key >= y - _U |y| with y = v - (q . c + t) - e64 - e, the threshold theta.
+        kth = seeds.topk(k, dim=1).values[:, -1] if seeds.shape[1] >= k else torch.full_like(bounds[0], -math.inf)
+        e, e64, offset = bounds  # (Q,) each
+        y = kth - offset - e64 - e
         theta = y - _U * y.abs()
         theta = (theta - (theta.abs() + 1) * _SLACK).float().masked_fill_(past, math.inf)
         # Finite, so that keys out of reach (bound -inf) never pass, even with fewer than k keys there.
         theta.clamp_(min=torch.finfo(theta.dtype).min)
         weights = weights * (1 + _U)
         scores, labels = [], []
-        for g, (approx, best, _, errors) in zip(groups, approximate):
-            best = torch.addmm(best, errors, weights)
-            if g.r is not None:
-                best = best.view(*g.run_reach.shape[:2], -1, len(q)).add_(g.run_reach).view(-1, len(q))
-            found, found_labels = g.exact(q, y0, x0, best, approx, weights, theta, k)
+        for g, (approx, group_best, errors) in zip(groups, approximate):
+            found, found_labels = g.exact(q, y0, x0, torch.addmm(group_best, errors, weights), approx, weights,
+                                          theta, k)
             scores.append(found)
             labels.append(found_labels)
         scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)  # (Q, k * groups), (Q, k * groups, K)
