@@ -19,7 +19,7 @@ Scoring every key in float32 and sorting the scores costs several times what the
 encoder does. So with one softmax over the kept keys and a joint top-k (CRW, DINO and
 VFS) on the CPU, a tile first scores its keys in bfloat16, which the CPU's matrix
 units run several times faster, with a bound on every approximate score's error
-computed from the norms of what was rounded; beyond 256 channels, the codes keep the
+computed from the norms of what was rounded; beyond 189 channels, the codes keep the
 features' coordinates in the first frame's main directions only, and the bound what
 they leave out. The exact scores of a few keys that score best approximately give a
 lower bound on the k-th best score, which then rules out most keys, run by run of
@@ -27,13 +27,13 @@ neighbouring cells and then key by key, and only the (key, query) pairs left are
 scored, in float64, and ranked, by one compiled loop (numba), as a key that stays
 does so for a few of a tile's queries only. No key that an exact computation would
 keep is ever ruled out, however close the scores, so the result is the exact one by
-construction, near-ties ranked as in float64. Other
-settings (a per-frame softmax or top-k) and other devices score every key in float32,
-many tiles in one batch of kernels: a GPU would otherwise spend its time launching
-them. bfloat16 matmuls are only fast on contiguous operands, so the codes are stored
-in bands one run wide, in which a tile's block is a few contiguous matrices, every key
-stored once: at 480p, the codes of CRW's 20 context frames take 0.13 GB for a ResNet-18
-or a ResNet-50, besides 0.25 and 1 GB of float32 features.
+construction, near-ties ranked as in float64. Other settings (a per-frame softmax or
+top-k) and other devices score every key in float32, many tiles in one batch of
+kernels: a GPU would otherwise spend its time launching them. bfloat16 matmuls are
+only fast on contiguous operands, so the codes are stored in bands one run wide, in
+which a tile's block is a few contiguous matrices, every key stored once: at 480p,
+the codes of CRW's 20 context frames take 0.09 GB for a ResNet-18 and 0.12 GB for a
+ResNet-50, besides 0.25 and 1 GB of float32 features.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
@@ -227,16 +227,17 @@ def _code_width(dims: int) -> int:
 
 
 def _code_dims(channels: int) -> int:
-    """Coordinates a code keeps of ``channels``: all of them up to 256, else about a
-    quarter, at least 253 (a code of 256). The bfloat16 matmul's work is proportional
-    to the code, and what the coordinates leave out enters the bound only as a product
-    of two small residuals. On DAVIS's car-shadow at 480p, ResNet-50's 1024 channels in
-    253 coordinates leave 73 keys a query to score exactly (48 at all 1024) for a
-    quarter of the matmul, 0.4 s a frame less on 2 cores; ResNet-18's 256 in 125
-    would leave 123 (52), which costs more than the half of its matmul saves."""
-    if channels <= 256:
+    """Coordinates a code keeps of ``channels``: all of them up to 189 (a code of 192),
+    189 up to 256, else about a quarter, at least 253 (a code of 256). The bfloat16
+    matmul's work is proportional to the code, and what the coordinates leave out
+    enters the bound only as a product of two small residuals. On DAVIS's car-shadow at
+    480p, ResNet-50's 1024 channels in 253 coordinates leave 73 keys a query to score
+    exactly (48 at all 1024) for a quarter of the matmul, 0.4 s a frame less on 2
+    cores; in 189, 115, which costs more than it saves. ResNet-18's 256 in 189 leave 73
+    (59 at 256), 3-8% faster; in 125, 123, slower."""
+    if channels <= 189:
         return channels
-    return max(253, 32 * round(channels / 128) - 3)
+    return 189 if channels <= 256 else max(253, 32 * round(channels / 128) - 3)
 
 
 def _gamma(n: int, u: float) -> float:
