@@ -233,19 +233,56 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # (Q, C)
     feats = np.array([[1, 0], [0, 1], [1, 1], [0.5, 0]], dtype=np.float32)  # keys 0..3, two runs
     absent = np.array([0, 0, 0, -math.inf], dtype=np.float32)  # key 3 is not there
-    approx = torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [9.0, 0, 0], [9.0, 0, 0]]).bfloat16()  # (keys, Q)
+    approx = torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [9.0, 0, 9], [9.0, 0, 9]]).bfloat16()  # (keys, Q)
     approx = approx.view(torch.int16).numpy().view(np.uint16)
-    run_bounds = np.array([[0.5, 0, 0], [-math.inf, 0, 0]], dtype=np.float32)  # (runs, Q)
+    run_bounds = np.array([[0.5, 0, 0], [-math.inf, 0, 9]], dtype=np.float32)  # (runs, Q)
     theta = np.array([0.5, math.inf, -3.0], dtype=np.float32)
     errors, weights = np.zeros((4, 3), np.float32), np.zeros((3, 3), np.float32)
     values, keys = np.full((3, 2), -math.inf), np.zeros((3, 2), np.int64)
     scored = kernels.select(q, feats, absent, approx, np.zeros((0, 3), np.float32), run_bounds, errors, weights, theta,
-                            2, 1, 4, 1, 0, 0, 4, values, keys, 0, 3)
+                            2, 1, 4, 1, 0, 0, 4, values, keys, 0, 3, np.zeros((3, 3)), 0.0, 0.0)
     # Query 0: key 0 (bound 1 >= 0.5) only; key 1's bound 0 < 0.5, run 1 is out of reach.
     # Query 2: every key, scores 1, 1, 2 and -inf; keys 0 and 1 tie, and 0 came first.
     assert scored == 1 + 0 + 4
     np.testing.assert_array_equal(values, [[1, -math.inf], [-math.inf, -math.inf], [2, 1]])
     np.testing.assert_array_equal(keys[[0, 2]], [[0, 0], [2, 0]])
+    # With no error terms a threshold is the k-th best score itself: query 2's rose to 1
+    # once it had two; query 0's, with one, stays.
+    np.testing.assert_array_equal(theta, [0.5, math.inf, 1.0])
+
+
+def test_the_threshold_by_hand():
+    """y = v - (q . c + t) - e64 - e, theta = y - u |y| less slack (|theta| + 1), in
+    float32; -inf for no k-th score becomes float32's lowest, and a query past the grid
+    gets inf."""
+    kernels = importlib.import_module("timecycle.kernels")
+    terms = np.array([[0.25, 0.0], [0.125, 0.0], [0.5, 0.0]])  # e, e64, q . c + t for 2 queries
+    # Query 0: y = 1 - 0.5 - 0.125 - 0.25 = 0.125; 0.125 - 0.5 * 0.125 = 0.0625; less 0.5 * 1.0625.
+    assert kernels.threshold(1.0, terms, 0, 0.5, 0.5) == np.float32(0.0625 - 0.53125)
+    assert kernels.threshold(-math.inf, terms, 1, 0.5, 0.5) == np.finfo(np.float32).min
+    theta = np.zeros(2, np.float32)
+    kernels.thresholds(np.array([1.0, 3.0]), terms, np.array([False, True]), 0.5, 0.5, theta)
+    np.testing.assert_array_equal(theta, [np.float32(-0.46875), math.inf])
+
+
+def test_select_raises_the_threshold_with_the_kth_best_score():
+    """One query, k = 1, one run of 3 keys met in order: key 0 scores 0.5 exactly, which
+    raises theta from -1 to 0.5 - 0.2 - 0.1 = 0.2 (q . c + t = 0.2, e = 0.1); key 1,
+    whose bound 0.1875 falls short of that, is not scored, though it would score 2;
+    key 2, whose bound is 0.25, is, and wins."""
+    kernels = importlib.import_module("timecycle.kernels")
+    q = np.array([[1.0, 0.0]])
+    feats = np.array([[0.5, 0], [2, 0], [1, 0]], dtype=np.float32)
+    absent = np.zeros(3, np.float32)
+    approx = torch.tensor([[1.0], [0.1875], [0.25]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    run_bounds, theta = np.array([[1.0]], np.float32), np.array([-1.0], np.float32)
+    errors, weights = np.zeros((3, 3), np.float32), np.zeros((3, 1), np.float32)
+    values, keys = np.full((1, 1), -math.inf), np.zeros((1, 1), np.int64)
+    terms = np.array([[0.1], [0.0], [0.2]])
+    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 1), np.float32), run_bounds, errors, weights, theta,
+                            3, 1, 3, 1, 0, 0, 3, values, keys, 0, 1, terms, 0.0, 0.0)
+    assert scored == 2 and values[0, 0] == 1.0 and keys[0, 0] == 2
+    assert theta[0] == np.float32(1.0 - 0.2 - 0.1)
 
 
 def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
@@ -287,8 +324,8 @@ def low_rank_features(frames: int, channels: int, h: int, w: int, rank: int = 48
     return F.normalize(torch.einsum("trhw,rc->tchw", latent, mixing) + noise, dim=1)
 
 
-def test_codes_keep_every_channel_up_to_189_and_fewer_beyond():
-    assert [_code_dims(c) for c in (16, 189, 190, 256, 257, 512, 1024, 2048)] == [16, 189, 189, 189, 253, 253, 253, 509]
+def test_codes_keep_every_channel_up_to_125_and_fewer_beyond():
+    assert [_code_dims(c) for c in (16, 125, 126, 256, 257, 512, 1024, 2048)] == [16, 125, 125, 125, 189, 189, 189, 189]
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "post-relu"])
@@ -297,12 +334,12 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     """Every approximate score is within its bound of q . k - q . c - t (the exact score
     less the query's constants), as the bfloat16 matmul computes it on this machine, and
     the bound is a few units in bfloat16's last place where the kept keys are. At 256
-    and 512 channels the codes keep 189 and 253 coordinates, and the residuals' product
+    and 512 channels the codes keep 125 and 189 coordinates, and the residuals' product
     is in the bound."""
     feats = low_rank_features(4, channels, 16, 24, seed=channels, relu=not signed)
     engine = _Propagator(feats[0], torch.rand(2, 16, 24), PropagationConfig(context=2, radius=None))
     coder = engine.groups[0].coder
-    assert (coder.basis is None) == (channels == 16) and coder.dims == {16: 16, 256: 189, 512: 253}[channels]
+    assert (coder.basis is None) == (channels == 16) and coder.dims == {16: 16, 256: 125, 512: 189}[channels]
     for t in (1, 2):
         engine.step(feats[t])
     cells = feats[3].permute(1, 2, 0).contiguous()
@@ -329,14 +366,14 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
 
 
 def test_a_code_bounds_what_it_leaves_out():
-    """The coder's bounds on hand-checkable vectors: features in a 2-d plane coded in 253
+    """The coder's bounds on hand-checkable vectors: features in a 2-d plane coded in 189
     of 512 coordinates leave (nearly) nothing out; a vector off the first frame's
     directions leaves out exactly its part off them, and its bounds hold in float64."""
     g = torch.Generator().manual_seed(0)
     plane = torch.linalg.qr(torch.randn(512, 2, generator=g, dtype=torch.float64)).Q.float()  # (C, 2) orthonormal
     first = F.normalize(torch.randn(6, 7, 2, generator=g) @ plane.T + 1.0, dim=-1)  # (h, w, C)
     coder = _Coder(first)
-    assert coder.dims == 253 and coder.basis.shape == (512, 253) and coder.defect < 1e-10
+    assert coder.dims == 189 and coder.basis.shape == (512, 189) and coder.defect < 1e-10
     code, bounds, beta = coder(first)
     residual = bounds[..., 2]
     diff = first.double() - coder.centre.double()
@@ -353,9 +390,33 @@ def test_a_code_bounds_what_it_leaves_out():
     assert torch.all(size >= coords.norm(dim=-1)) and torch.all(size >= code.double().norm(dim=-1))
 
 
+@pytest.mark.parametrize("shape", ["circle", "square"])
+def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
+    """A tile's queries are scored a few rows at a time, against the key rows within
+    their reach only: every (key, query) pair within reach gets the score a matmul of
+    the whole block gives, and the pairs skipped, over a third here, stay -inf."""
+    feats = low_rank_features(3, 256, 40, 24, seed=3)
+    cfg = dataclasses.replace(preset("crw"), context=2, radius=5.0, radius_shape=shape)
+    engine = _Propagator(feats[0], torch.rand(2, 40, 24), cfg)
+    engine.step(feats[1])
+    cells = feats[2].permute(1, 2, 0).contiguous()
+    engine._code_queries(cells, engine.groups[0].coder(cells))
+    ring = engine.groups[1]
+    (rows, cols), slots = ring.span, ring.slots
+    reach = (ring.reach.view(rows, cols // _RUN, _RUN, -1) == 0).permute(1, 0, 2, 3)  # (B / _RUN, R, _RUN, Q)
+    reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
+    for y0, x0 in [(0, 0), (16, 8)]:
+        codes = engine.codes[y0:y0 + 16, x0:x0 + 8].flatten(0, 1)
+        scores = ring.approximate(codes, y0, x0)[0].view(reach.shape).float()
+        block = ring.codes[x0 // _RUN:(x0 + cols) // _RUN, y0:y0 + rows]  # (B / _RUN, R, S, _RUN, C')
+        whole = (block.float() @ codes.float().T)  # exact products of the bfloat16 codes, summed in float32
+        torch.testing.assert_close(scores[reach], whole[reach], rtol=2.0 ** -8, atol=1e-6)
+        assert scores.isfinite().float().mean() < 0.65
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["signed", "post-relu"])
 def test_projected_codes_equal_dense_reference(monkeypatch, relu):
-    """With 512 channels the codes keep 253 coordinates of each vector: what they leave
+    """With 512 channels the codes keep 189 coordinates of each vector: what they leave
     out widens the bounds but rules out no key that the dense reference keeps."""
     kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
     scored = []
@@ -366,7 +427,7 @@ def test_projected_codes_equal_dense_reference(monkeypatch, relu):
     for name in ("crw", "dino"):
         cfg = dataclasses.replace(preset(name), context=3)
         engine = _Propagator(feats[0], first, cfg)
-        assert engine.groups[0].coder.dims == 253
+        assert engine.groups[0].coder.dims == 189
         for t, (got, want) in enumerate(zip(run(feats, first, cfg), dense_reference(feats, first, cfg)), start=1):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"{name}, frame {t}")
         if name == "crw":  # a query meets 520 keys of the first frame and up to 3 * 441 in the ring; 16 are scored

@@ -53,8 +53,28 @@ def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows,
 
 
 @numba.njit(nogil=True, cache=True)
+def threshold(v, terms, i, u, slack):
+    """The threshold on query i's approximate scores below which no key scores v or more
+    exactly (the derivation: :meth:`timecycle.propagate._Propagator._shortlisted`):
+    y - u |y| with y = v - (q . c + t) - e64 - e, ``terms`` (3, Q) holding e, e64 and
+    q . c + t, less ``slack`` for the float32 roundings in applying it; rounded to
+    float32 and finite, so that a key out of reach (bound -inf) never passes."""
+    y = v - terms[2, i] - terms[1, i] - terms[0, i]
+    t = y - u * abs(y)
+    return max(np.float32(t - (abs(t) + 1) * slack), np.finfo(np.float32).min)
+
+
+@numba.njit(nogil=True, cache=True)
+def thresholds(kth, terms, past, u, slack, theta):
+    """``theta`` (Q,) filled with each query's :func:`threshold` for a k-th best score
+    of at least ``kth`` (Q,); inf, which nothing reaches, for queries ``past`` the grid."""
+    for i in range(len(theta)):
+        theta[i] = np.inf if past[i] else threshold(kth[i], terms, i, u, slack)
+
+
+@numba.njit(nogil=True, cache=True)
 def select(q, feats, absent, approximate, reach, run_bounds, key_errors, weights, theta, run, rows, cols, slots,
-           top, left, width, values, keys, first, last):
+           top, left, width, values, keys, first, last, terms, u, slack):
     """For queries first..last of a tile, the k best exact scores, ``values`` (Q, k)
     filled in place, and their keys' indices into the buffers, ``keys`` (Q, k), among
     the keys that may be among them (see :meth:`timecycle.propagate._Context.exact`,
@@ -63,28 +83,38 @@ def select(q, feats, absent, approximate, reach, run_bounds, key_errors, weights
     About 1 run in 100 reaches a query's threshold and a key stays for a few of a
     tile's queries only, so scoring what stays as matrices, or taking the flagged pairs
     apart with tensor ops, costs more in memory traffic and bookkeeping than the float64
-    products themselves; one loop does it all, runs outermost so that the keys of a run
-    are read once for every query that wants them. Ties keep the key met first.
+    products themselves; one loop does it all, runs outermost and then keys, so that a
+    key is read once for every query that wants it. A query meets its keys in the same
+    order whatever the bounds, and ties keep the key met first. Once a query has k
+    scores, their k-th best bounds the final one from below as well as the seeds' did,
+    so ``theta`` is raised in place (:func:`threshold` with ``terms``, ``u`` and
+    ``slack``) as it rises: 17% fewer pairs scored with either ResNet on DAVIS.
     Returns how many (key, query) pairs it scored."""
     k, scored = values.shape[1], 0
     bits = np.empty(1, np.uint32)
     approx = bits.view(np.float32)
+    reached = np.empty(last - first, np.int64)  # the queries whose threshold a run's bound reaches
+    lo, hi = np.uint64(first), np.uint64(last)  # unsigned, so no index wraps around: the count vectorises, 10x faster
     for r in range(run_bounds.shape[0]):  # runs are ordered (band, row, slot), their keys innermost
+        bounds = run_bounds[r]
         flagged = 0
-        for i in range(first, last):  # vectorised: most runs reach no query's threshold
-            flagged += run_bounds[r, i] >= theta[i]
+        for i in range(lo, hi):  # most runs reach no query's threshold
+            flagged += bounds[i] >= theta[i]
         if flagged == 0:
             continue
-        band, row, slot = r // (rows * slots), r // slots % rows, r % slots
+        n = 0
         for i in range(first, last):
-            if not run_bounds[r, i] >= theta[i]:
-                continue
-            for j in range(run):
-                col = band * run + j
-                key = ((top + row) * width + left + col) * slots + slot
+            if bounds[i] >= theta[i]:
+                reached[n] = i
+                n += 1
+        band, row, slot = r // (rows * slots), r // slots % rows, r % slots
+        for j in range(run):
+            col = band * run + j
+            key = ((top + row) * width + left + col) * slots + slot
+            errors = key_errors[key]
+            for i in reached[:n]:
                 bits[0] = np.uint32(approximate[r * run + j, i]) << 16
-                bound = approx[0] + (key_errors[key, 0] * weights[0, i] + key_errors[key, 1] * weights[1, i]
-                                     + key_errors[key, 2] * weights[2, i])
+                bound = approx[0] + (errors[0] * weights[0, i] + errors[1] * weights[1, i] + errors[2] * weights[2, i])
                 if reach.shape[0]:
                     bound += reach[row * cols + col, i]
                 if not bound >= theta[i]:
@@ -98,4 +128,6 @@ def select(q, feats, absent, approximate, reach, run_bounds, key_errors, weights
                     values[i, m], keys[i, m] = values[i, m - 1], keys[i, m - 1]
                     m -= 1
                 values[i, m], keys[i, m] = score, key
+                if values[i, k - 1] > -np.inf:
+                    theta[i] = max(theta[i], threshold(values[i, k - 1], terms, i, u, slack))
     return scored

@@ -19,7 +19,7 @@ Scoring every key in float32 and sorting the scores costs several times what the
 encoder does. So with one softmax over the kept keys and a joint top-k (CRW, DINO and
 VFS) on the CPU, a tile first scores its keys in bfloat16, which the CPU's matrix
 units run several times faster, with a bound on every approximate score's error
-computed from the norms of what was rounded; beyond 189 channels, the codes keep the
+computed from the norms of what was rounded; beyond 125 channels, the codes keep the
 features' coordinates in the first frame's main directions only, and the bound what
 they leave out. The exact scores of a few keys that score best approximately give a
 lower bound on the k-th best score, which then rules out most keys, run by run of
@@ -208,7 +208,8 @@ def resolve_config(
 
 _TILE = (16, 8)  # query cells per tile, (rows, columns): big enough for efficient matmuls, small enough to waste little
 _RUN = 8  # keys per run: neighbouring cells of one row of one context frame, the unit of the shortlist
-_SLABS = 8  # slabs of runs whose elementwise maxima give the k-th best score's lower bound cheaply
+_SLABS = 8  # slabs of runs whose elementwise maxima pick, cheaply, distinct runs that score well to seed from
+_PIECE = 4  # tile rows whose queries a matmul of the bfloat16 pass takes, against the key rows in their reach
 _ABSENT = -1e4  # the approximate score of a key that is not there, far below any cosine
 _U_BF16, _U_F32, _U_F64 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -53  # unit roundoffs: 8, 24 and 53 significant bits
 _U = _U_BF16 / (1 - 2 * _U_BF16)  # y - _U |y| is at most the A solving A + _U_BF16 |A| / (1 - _U_BF16) = y
@@ -227,17 +228,17 @@ def _code_width(dims: int) -> int:
 
 
 def _code_dims(channels: int) -> int:
-    """Coordinates a code keeps of ``channels``: all of them up to 189 (a code of 192),
-    189 up to 256, else about a quarter, at least 253 (a code of 256). The bfloat16
-    matmul's work is proportional to the code, and what the coordinates leave out
-    enters the bound only as a product of two small residuals. On DAVIS's car-shadow at
-    480p, ResNet-50's 1024 channels in 253 coordinates leave 73 keys a query to score
-    exactly (48 at all 1024) for a quarter of the matmul, 0.4 s a frame less on 2
-    cores; in 189, 115, which costs more than it saves. ResNet-18's 256 in 189 leave 73
-    (59 at 256), 3-8% faster; in 125, 123, slower."""
-    if channels <= 189:
+    """Coordinates a code keeps of ``channels``: all of them up to 125 (a code of 128),
+    125 up to 256, else 189 (a code of 192). The bfloat16 matmul's work is proportional
+    to the code, and what the coordinates leave out enters the bound only as a product
+    of two small residuals: fewer coordinates trade matmul time for keys scored
+    exactly. On DAVIS's car-shadow at 480p on 2 cores, ResNet-18's 256 channels in 125
+    coordinates leave 115 keys a query to score exactly (59 in 189) and run 17% faster
+    than in 189; ResNet-50's 1024 channels in 189 leave 96 (70 in 253), 10% faster than
+    in 253. Both were slower in fewer (93 or 61; 125)."""
+    if channels <= 125:
         return channels
-    return 189 if channels <= 256 else max(253, 32 * round(channels / 128) - 3)
+    return 125 if channels <= 256 else 189
 
 
 def _gamma(n: int, u: float) -> float:
@@ -396,6 +397,22 @@ class _Context:
             runs = runs.transpose(0, 1)  # (B / _RUN, R, _RUN, Q), as the block's runs are ordered
             self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[3]), device=device).masked_fill_(
                 ~runs.any(2)[:, :, None], -math.inf)  # 0 where some key of the run is within reach
+            if coder is not None:
+                # A query meets a disk of its tile's block, a third of it: so the
+                # bfloat16 pass scores the queries of _PIECE tile rows at a time, each
+                # band against the rows of keys within their reach only, which saves a
+                # third of the products for matmuls a quarter as wide, 15% faster. The
+                # scores of the other pairs are never computed and stay -inf.
+                self.pieces = []  # (band, first row, last row + 1, first query, last query + 1)
+                bands = runs.any(2)  # (B / _RUN, R, Q)
+                for q0 in range(0, reach.shape[2], _PIECE * _TILE[1]):
+                    q1 = q0 + _PIECE * _TILE[1]
+                    for band, hit in enumerate(bands[:, :, q0:q1].any(2)):
+                        rows_hit = hit.nonzero().flatten().tolist()  # a disk's rows: contiguous
+                        if rows_hit:
+                            self.pieces.append((band, rows_hit[0], rows_hit[-1] + 1, q0, q1))
+                self.scores = torch.full(runs.shape[:2] + (slots, _RUN, reach.shape[2]), -math.inf,
+                                         dtype=torch.bfloat16, device=device)  # (B / _RUN, R, S, _RUN, Q)
 
     def write(self, slot: int, keys: Tensor, labels: Tensor,
               coded: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
@@ -428,19 +445,20 @@ class _Context:
 
     def approximate(self, codes: Tensor, y0: int, x0: int) -> tuple[Tensor, Tensor, Tensor]:
         """Approximate scores (B / _RUN * R * S * _RUN, Q) of the block's keys for queries
-        coded (Q, C'), band by band as the codes are stored; each run's best of them,
-        -inf where no key of the run is within reach of the query (B / _RUN * R * S, Q);
-        and the maxima of the runs' key errors (B / _RUN * R * S, 3)."""
+        coded (Q, C'), in the order the codes are stored, -inf for some pairs out of
+        reach; each run's best of them, -inf where no key of the run is within reach of
+        the query (B / _RUN * R * S, Q); and the maxima of the runs' key errors
+        (B / _RUN * R * S, 3). The scores are overwritten by the next tile's."""
         top, left = self._block(y0, x0)
         (rows, cols), s = self.span, self.slots
         block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, S, _RUN, C')
-        if block.is_contiguous():
-            scores = torch.mm(block.view(-1, block.shape[-1]), codes.T)
+        if self.r is None:
+            scores = torch.mm(block.view(-1, block.shape[-1]), codes.T)  # the whole buffer: contiguous
         else:
-            scores = torch.empty(len(block), rows * s * _RUN, len(codes), dtype=codes.dtype, device=codes.device)
-            for band, out in zip(block, scores):
-                torch.mm(band.reshape(-1, band.shape[-1]), codes.T, out=out)
-            scores = scores.view(-1, len(codes))
+            for band, lo, hi, q0, q1 in self.pieces:
+                torch.mm(block[band, lo:hi].view(-1, block.shape[-1]), codes[q0:q1].T,
+                         out=self.scores[band, lo:hi].view(-1, len(codes))[:, q0:q1])
+            scores = self.scores.view(-1, len(codes))
         best = scores.view(cols // _RUN, rows, s, _RUN, -1).amax(3).float()  # (B / _RUN, R, S, Q)
         if self.r is not None:
             best += self.run_reach
@@ -467,7 +485,7 @@ class _Context:
         kernels.seed(*data, best.contiguous().numpy(), rows.numpy(), len(best) // _SLABS, *block, values.numpy())
 
     def exact(self, q: Tensor, y0: int, x0: int, run_bounds: Tensor, approximate: Tensor, weights: Tensor,
-              theta: Tensor, k: int) -> tuple[Tensor, Tensor]:
+              theta: Tensor, terms: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Each query's k best float64 scores (Q, k) among the block's keys that the
         bounds cannot rule out, best first and padded with -inf, and their labels (Q, k, K).
 
@@ -475,20 +493,23 @@ class _Context:
         query's ``theta`` (Q,) may hold one of its k best; of their keys, those whose
         approximate score plus its error bound, key errors (3,) @ ``weights`` (3, Q),
         reaches theta are scored, by :func:`timecycle.kernels.select`, with the tile's
-        queries split among as many threads as torch uses."""
+        queries split among as many threads as torch uses. A query's theta, a float32
+        tensor that the loop writes to, rises with the k-th best score found, from
+        ``terms`` (3, Q) (see :meth:`_Propagator._shortlisted`)."""
         from timecycle import kernels
 
         n = len(q)
         values = torch.full((n, k), -math.inf, dtype=torch.float64)
         keys = torch.zeros((n, k), dtype=torch.int64)
         data, block = self._kernel_args(q, y0, x0, approximate)
-        args = data + [x.contiguous().numpy() for x in (run_bounds, self.key_errors.view(-1, 3), weights, theta)]
-        args += block + [values.numpy(), keys.numpy()]
+        args = data + [x.contiguous().numpy() for x in (run_bounds, self.key_errors.view(-1, 3), weights)]
+        args += [theta.numpy()] + block + [values.numpy(), keys.numpy()]
+        rounding = [terms.contiguous().numpy(), _U, _SLACK]
         workers = min(torch.get_num_threads(), n)
         bounds = [n * i // workers for i in range(workers + 1)]
-        helpers = [_helpers(workers - 1).submit(kernels.select, *args, lo, hi)
+        helpers = [_helpers(workers - 1).submit(kernels.select, *args, lo, hi, *rounding)
                    for lo, hi in zip(bounds[1:], bounds[2:])]
-        kernels.select(*args, 0, bounds[1])
+        kernels.select(*args, 0, bounds[1], *rounding)
         for helper in helpers:
             helper.result()
         return values, self.labs.view(-1, self.labs.shape[-1])[keys]
@@ -659,13 +680,16 @@ class _Propagator:
         of one frame) whose best approximate scores are high, the best runs of the 2k
         best rows of slabs of runs. Runs whose best, and then
         keys whose score, plus its error bound cannot reach the k-th best seed are ruled
-        out; the rest are scored in float64 and ranked.
+        out; the rest are scored in float64 and ranked, the threshold rising with the
+        k-th best score found, from one group of context frames to the next too.
 
         Per key, the exact score less q . c + t, S, is within e + e_key of the bfloat16
         matmul's float32 sum s (see :meth:`_code_queries`), and s within u |s| of its
         rounding A, so |s| <= |A| / (1 - u). All the bounds below follow from these, with
         f(A) = A - _U |A| <= the inverse of A + u |A| / (1 - u), which is increasing.
         """
+        from timecycle import kernels  # numba, imported where it runs: never on a GPU
+
         k, n = self.cfg.top_k, len(q)
         groups = [g for g in self.groups if g.filled]
         approximate = [g.approximate(codes, y0, x0) for g in groups]
@@ -681,19 +705,16 @@ class _Propagator:
             start += len(slab)
         # The k-th best seed's float64 score v is at most the k-th best float64 score, so
         # a key can be kept only if its S >= v - (q . c + t) - e64; sufficient:
-        # A + (1 + _U) e_key >= y - _U |y| with y = v - (q . c + t) - e64 - e, the threshold theta.
+        # A + (1 + _U) e_key >= y - _U |y| with y = v - (q . c + t) - e64 - e, the threshold
+        # theta (kernels.threshold), from bounds (3, Q) = e, e64 and q . c + t.
         kth = seeds.topk(k, dim=1).values[:, -1] if seeds.shape[1] >= k else torch.full_like(bounds[0], -math.inf)
-        e, e64, offset = bounds  # (Q,) each
-        y = kth - offset - e64 - e
-        theta = y - _U * y.abs()
-        theta = (theta - (theta.abs() + 1) * _SLACK).float().masked_fill_(past, math.inf)
-        # Finite, so that keys out of reach (bound -inf) never pass, even with fewer than k keys there.
-        theta.clamp_(min=torch.finfo(theta.dtype).min)
+        theta = torch.empty(n)
+        kernels.thresholds(kth.numpy(), bounds.contiguous().numpy(), past.numpy(), _U, _SLACK, theta.numpy())
         weights = weights * (1 + _U)
         scores, labels = [], []
         for g, (approx, group_best, errors) in zip(groups, approximate):
             found, found_labels = g.exact(q, y0, x0, torch.addmm(group_best, errors, weights), approx, weights,
-                                          theta, k)
+                                          theta, bounds, k)
             scores.append(found)
             labels.append(found_labels)
         scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)  # (Q, k * groups), (Q, k * groups, K)
