@@ -393,10 +393,9 @@ class _Context:
                 reach = torch.maximum(dy.abs(), dx.abs()) <= radius
             reach = reach.reshape(self.span[0], self.span[1], -1)  # (R, B, Q)
             self.reach = torch.zeros(reach.shape, device=device).masked_fill_(~reach, -math.inf).flatten(0, 1)
-            runs = reach.unflatten(1, (-1, _RUN))
-            runs = runs.transpose(0, 1)  # (B / _RUN, R, _RUN, Q), as the block's runs are ordered
-            self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[3]), device=device).masked_fill_(
-                ~runs.any(2)[:, :, None], -math.inf)  # 0 where some key of the run is within reach
+            runs = reach.unflatten(1, (-1, _RUN)).transpose(0, 1).any(2)  # (B / _RUN, R, Q), as the runs are ordered
+            self.run_reach = torch.zeros(runs.shape[:2] + (1, runs.shape[2]), device=device).masked_fill_(
+                ~runs[:, :, None], -math.inf)  # 0 where some key of the run is within reach
             if coder is not None:
                 # A query meets a disk of its tile's block, a third of it: so the
                 # bfloat16 pass scores the queries of _PIECE tile rows at a time, each
@@ -404,10 +403,9 @@ class _Context:
                 # third of the products for matmuls a quarter as wide, 15% faster. The
                 # scores of the other pairs are never computed and stay -inf.
                 self.pieces = []  # (band, first row, last row + 1, first query, last query + 1)
-                bands = runs.any(2)  # (B / _RUN, R, Q)
                 for q0 in range(0, reach.shape[2], _PIECE * _TILE[1]):
                     q1 = q0 + _PIECE * _TILE[1]
-                    for band, hit in enumerate(bands[:, :, q0:q1].any(2)):
+                    for band, hit in enumerate(runs[:, :, q0:q1].any(2)):
                         rows_hit = hit.nonzero().flatten().tolist()  # a disk's rows: contiguous
                         if rows_hit:
                             self.pieces.append((band, rows_hit[0], rows_hit[-1] + 1, q0, q1))
