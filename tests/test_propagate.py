@@ -9,12 +9,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 from timecycle.model.encoder import Encoder
 from timecycle.propagate import (
@@ -206,9 +209,10 @@ def test_the_presets_run_the_shortlist_and_it_is_short(monkeypatch):
 
 
 def test_the_shortlist_is_the_same_on_any_number_of_threads():
-    """A tile's queries are split among torch's threads, and each query meets its keys in
-    the same order on any number of them: the results are equal bit for bit, on
-    post-ReLU features, whose near-ties would show any difference in what is kept."""
+    """Tiles are shared out among torch's threads, each scored whole, in the same order
+    on any number of them: the results are equal bit for bit, on post-ReLU features,
+    whose near-ties would show any difference in what is kept; and torch's thread count
+    is the caller's again afterwards."""
     g = torch.Generator().manual_seed(7)
     feats = F.normalize(torch.randn(5, 32, 20, 27, generator=g).relu() + 0.01, dim=1)
     first = torch.rand(3, 20, 27, generator=g)
@@ -218,9 +222,35 @@ def test_the_shortlist_is_the_same_on_any_number_of_threads():
         for n in (1, 3):
             torch.set_num_threads(n)
             outs.append(torch.stack(run(feats, first, cfg)))
+            assert torch.get_num_threads() == n
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_propagations_on_two_threads_at_once():
+    """Two propagations scoring their tiles at the same time, each on its own thread
+    with two torch threads, give what one alone gives, and leave each thread the
+    torch thread count it had."""
+    g = torch.Generator().manual_seed(8)
+    feats = F.normalize(torch.randn(4, 32, 20, 27, generator=g).relu() + 0.01, dim=1)
+    first = torch.rand(2, 20, 27, generator=g)
+    cfg = dataclasses.replace(preset("crw"), context=2, radius=4.0)
+    alone = torch.stack(run(feats, first, cfg))
+    start = threading.Barrier(2)
+
+    def one(_) -> tuple[Tensor, int]:
+        torch.set_num_threads(2)
+        start.wait()
+        out = torch.stack(run(feats, first, cfg))
+        return out, torch.get_num_threads()
+
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, range(2)))
+    assert torch.get_num_threads() == threads
+    for out, count in results:
+        assert torch.equal(out, alone) and count == 2
 
 
 def test_select_keeps_the_best_of_what_the_bounds_let_through():
@@ -235,12 +265,12 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     absent = np.array([0, 0, 0, -math.inf], dtype=np.float32)  # key 3 is not there
     approx = torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [9.0, 0, 9], [9.0, 0, 9]]).bfloat16()  # (keys, Q)
     approx = approx.view(torch.int16).numpy().view(np.uint16)
-    run_bounds = np.array([[0.5, 0, 0], [-math.inf, 0, 9]], dtype=np.float32)  # (runs, Q)
+    run_best = np.array([[0.5, 0, 0], [-math.inf, 0, 9]], dtype=np.float32)  # (runs, Q): the bounds, with no errors
     theta = np.array([0.5, math.inf, -3.0], dtype=np.float32)
     errors, weights = np.zeros((4, 3), np.float32), np.zeros((3, 3), np.float32)
     values, keys = np.full((3, 2), -math.inf), np.zeros((3, 2), np.int64)
-    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 3), np.float32), run_bounds, errors, weights, theta,
-                            2, 1, 4, 1, 0, 0, 4, values, keys, 0, 3, np.zeros((3, 3)), 0.0, 0.0)
+    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 3), np.float32), run_best, errors[:2], errors,
+                            weights, theta, 2, 1, 4, 1, 0, 0, 4, values, keys, np.zeros((3, 3)), 0.0, 0.0)
     # Query 0: key 0 (bound 1 >= 0.5) only; key 1's bound 0 < 0.5, run 1 is out of reach.
     # Query 2: every key, scores 1, 1, 2 and -inf; keys 0 and 1 tie, and 0 came first.
     assert scored == 1 + 0 + 4
@@ -275,14 +305,33 @@ def test_select_raises_the_threshold_with_the_kth_best_score():
     feats = np.array([[0.5, 0], [2, 0], [1, 0]], dtype=np.float32)
     absent = np.zeros(3, np.float32)
     approx = torch.tensor([[1.0], [0.1875], [0.25]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    run_bounds, theta = np.array([[1.0]], np.float32), np.array([-1.0], np.float32)
+    run_best, theta = np.array([[1.0]], np.float32), np.array([-1.0], np.float32)
     errors, weights = np.zeros((3, 3), np.float32), np.zeros((3, 1), np.float32)
     values, keys = np.full((1, 1), -math.inf), np.zeros((1, 1), np.int64)
     terms = np.array([[0.1], [0.0], [0.2]])
-    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 1), np.float32), run_bounds, errors, weights, theta,
-                            3, 1, 3, 1, 0, 0, 3, values, keys, 0, 1, terms, 0.0, 0.0)
+    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 1), np.float32), run_best, errors[:1], errors,
+                            weights, theta, 3, 1, 3, 1, 0, 0, 3, values, keys, terms, 0.0, 0.0)
     assert scored == 2 and values[0, 0] == 1.0 and keys[0, 0] == 2
     assert theta[0] == np.float32(1.0 - 0.2 - 0.1)
+
+
+def test_select_bounds_a_run_by_its_best_score_plus_its_weighted_errors():
+    """One query, one run of one key whose best approximate score, 0.5, falls short of
+    theta = 1: the run's errors (0.25, 0.5, 1) weighted by (1, 0.25, 0.125) lift its
+    bound to 0.5 + 0.25 + 0.125 + 0.125 = 1, which reaches theta, and the key is scored;
+    with the last weight halved the bound falls short and nothing is."""
+    kernels = importlib.import_module("timecycle.kernels")
+    approx = torch.tensor([[0.5]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    errors = np.array([[0.25, 0.5, 1.0]], np.float32)
+    for last, expected in [(0.125, 1), (0.0625, 0)]:
+        weights = np.array([[1.0], [0.25], [last]], np.float32)
+        values, keys = np.full((1, 1), -math.inf), np.zeros((1, 1), np.int64)
+        scored = kernels.select(np.ones((1, 1)), np.full((1, 1), 3.0, np.float32), np.zeros(1, np.float32), approx,
+                                np.zeros((0, 1), np.float32), np.array([[0.5]], np.float32), errors, errors,
+                                weights, np.array([1.0], np.float32), 1, 1, 1, 1, 0, 0, 1, values, keys,
+                                np.zeros((3, 1)), 0.0, 0.0)
+        assert scored == expected
+        assert values[0, 0] == (3.0 if expected else -math.inf)
 
 
 def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
@@ -349,7 +398,7 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     for y0, x0 in [(0, 0), (0, 16)]:
         tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
         codes = engine.codes[tile].flatten(0, 1)
-        approximate = group.approximate(codes, y0, x0)[0].double()  # (N, Q), band by band, runs' keys innermost
+        approximate = group.approximate(codes, y0, x0, 0)[0].double()  # (N, Q), band by band, runs' keys innermost
         rows, cols, slots = group.feats.shape[:3]
         approximate = approximate.view(cols // _RUN, rows, slots, _RUN, -1).permute(1, 0, 3, 2, 4)
         approximate = approximate.reshape(-1, len(codes))  # as the buffers: (rows, cols, slots)
@@ -407,7 +456,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
     for y0, x0 in [(0, 0), (16, 8)]:
         codes = engine.codes[y0:y0 + 16, x0:x0 + 8].flatten(0, 1)
-        scores = ring.approximate(codes, y0, x0)[0].view(reach.shape).float()
+        scores = ring.approximate(codes, y0, x0, 0)[0].view(reach.shape).float()
         block = ring.codes[x0 // _RUN:(x0 + cols) // _RUN, y0:y0 + rows]  # (B / _RUN, R, S, _RUN, C')
         whole = (block.float() @ codes.float().T)  # exact products of the bfloat16 codes, summed in float32
         torch.testing.assert_close(scores[reach], whole[reach], rtol=2.0 ** -8, atol=1e-6)
@@ -678,6 +727,12 @@ def test_mask_helpers():
     np.testing.assert_array_equal(to_mask(channels, ids), mask)
     np.testing.assert_array_equal(to_mask(torch.from_numpy(channels)), [[0, 1], [2, 1]])
     assert one_hot(np.ones((2, 2), bool))[1].tolist() == [0, 1]
+    # The strongest channel as argmax finds it, the first of equals (quantised values tie often).
+    for k in (1, 5, 300):
+        soft = torch.randint(0, 4, (k, 9, 11), generator=torch.Generator().manual_seed(k)).float() / 4
+        got = to_mask(soft.numpy())
+        assert got.dtype == (np.uint8 if k <= 256 else np.int64)
+        np.testing.assert_array_equal(got, soft.argmax(0).numpy())
 
 
 def test_points_from_heatmaps():
