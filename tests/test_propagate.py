@@ -253,6 +253,31 @@ def test_propagations_on_two_threads_at_once():
         assert torch.equal(out, alone) and count == 2
 
 
+def test_an_error_in_a_tile_reaches_the_caller(monkeypatch):
+    """A tile that fails, on whichever thread scored it, fails the frame in the caller,
+    and the caller's torch thread count comes back."""
+    kernels = importlib.import_module("timecycle.kernels")
+    select, calls = kernels.select, []
+
+    def failing(*args):
+        calls.append(None)
+        if len(calls) == 5:
+            raise RuntimeError("tile failed")
+        return select(*args)
+
+    monkeypatch.setattr(kernels, "select", failing)
+    g = torch.Generator().manual_seed(9)
+    feats = F.normalize(torch.randn(3, 32, 20, 27, generator=g), dim=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="tile failed"):
+            run(feats, torch.rand(2, 20, 27, generator=g), dataclasses.replace(preset("crw"), context=2, radius=4.0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_select_keeps_the_best_of_what_the_bounds_let_through():
     """The compiled selection on a hand-made block of 2 runs of 2 keys (one row, one
     slot, no error terms): a run whose bound ties theta is searched, one at -inf is not

@@ -29,9 +29,9 @@ does so for a few of a tile's queries only. No key that an exact computation wou
 keep is ever ruled out, however close the scores, so the result is the exact one by
 construction, near-ties ranked as in float64. A frame's tiles are shared out among
 torch's threads, each scoring whole tiles single-threaded, as a tile is a few dozen
-steps too small to split. Other settings (a per-frame softmax or
-top-k) and other devices score every key in float32, many tiles in one batch of
-kernels: a GPU would otherwise spend its time launching them. bfloat16 matmuls are
+steps too small to split. Other settings (a per-frame softmax or top-k) and other
+devices score every key in float32, many tiles in one batch of kernels: a GPU would
+otherwise spend its time launching them. bfloat16 matmuls are
 only fast on contiguous operands, so the codes are stored in bands one run wide, in
 which a tile's block is a few contiguous matrices, every key stored once: at 480p,
 the codes of CRW's 20 context frames take 0.09 GB for a ResNet-18 and 0.12 GB for a
@@ -646,14 +646,14 @@ class _Propagator:
         with torch single-threaded meanwhile.
 
         A tile's work is a few dozen small steps, torch's and numba's in turn. Spread
-        over torch's threads step by step, each small step pays to start and stop the
-        threads, and torch's, which spin a while after each step to be ready for the
-        next, took the cores from the numba loop's own helper thread: on 2 cores a frame
-        took 0.49-0.56 s with ResNet-18 features, 0.33-0.36 s with whole tiles per
-        thread, the same results bit for bit (each tile's are its own). torch (with
-        OpenMP) keeps a thread count per thread, which a new thread takes from the
-        last one set: so the helpers, started while the caller's is 1, keep 1 (as would a
-        thread that the caller's program starts meanwhile)."""
+        over torch's threads a step at a time, each step paid to start and stop them,
+        and torch's threads, which spin a while after each step, took the cores from
+        the numba loop's helper thread: on 2 cores a ResNet-18 frame took 0.49-0.56 s
+        that way, 0.33-0.36 s with whole tiles per thread, the same results bit for bit
+        (each tile's are its own). torch (with OpenMP) keeps a thread count per thread,
+        which a new thread takes from the last one set: so the helpers, started while
+        the caller's is 1, keep 1 (as would a thread the caller's program starts
+        meanwhile)."""
         origins = [(y0, x0) for y0 in range(0, self.h, _TILE[0]) for x0 in range(0, self.w, _TILE[1])]
         preds: list[Tensor | None] = [None] * len(origins)
         todo = iter(range(len(origins)))  # shared: taking the next tile is atomic under the GIL
