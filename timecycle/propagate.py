@@ -31,11 +31,11 @@ construction, near-ties ranked as in float64. A frame's tiles are shared out amo
 torch's threads, each scoring whole tiles single-threaded, as a tile is a few dozen
 steps too small to split. Other settings (a per-frame softmax or top-k) and other
 devices score every key in float32, many tiles in one batch of kernels: a GPU would
-otherwise spend its time launching them. bfloat16 matmuls are
-only fast on contiguous operands, so the codes are stored in bands one run wide, in
-which a tile's block is a few contiguous matrices, every key stored once: at 480p,
-the codes of CRW's 20 context frames take 0.09 GB for a ResNet-18 and 0.12 GB for a
-ResNet-50, besides 0.25 and 1 GB of float32 features.
+otherwise spend its time launching them. bfloat16 matmuls are only fast on contiguous
+operands, so the codes are stored in bands one run wide, in which a tile's block is a
+few contiguous matrices, every key stored once: at 480p, the codes of CRW's 20
+context frames take 0.09 GB for a ResNet-18 and 0.12 GB for a ResNet-50, besides 0.25
+and 1 GB of float32 features.
 
 The top-level :func:`propagate` goes from pixels to pixels: frames are resized for the
 model, encoded in batches, labels are brought to the feature grid, propagated, and the
@@ -305,7 +305,6 @@ def _helpers(threads: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_helpers.cache_clear)  # a forked child has none of its parent's threads
 
 
-
 def propagate_features(
     features: Iterable[Tensor], first_labels: Tensor, cfg: PropagationConfig
 ) -> Iterator[Tensor]:
@@ -513,9 +512,9 @@ class _Context:
         (runs, Q) plus the error bound ``run_errors`` (runs, 3) @ ``weights`` (3, Q),
         reaches the query's ``theta`` (Q,) may hold one of its k best; of their keys,
         those whose approximate score plus its error bound, key errors (3,) @ weights,
-        reaches theta are scored, by :func:`timecycle.kernels.select`. A query's theta, a float32
-        tensor that the loop writes to, rises with the k-th best score found, from
-        ``terms`` (3, Q) (see :meth:`_Propagator._shortlisted`)."""
+        reaches theta are scored, by :func:`timecycle.kernels.select`. A query's theta,
+        a float32 tensor that the loop writes to, rises with the k-th best score found,
+        from ``terms`` (3, Q) (see :meth:`_Propagator._shortlisted`)."""
         from timecycle import kernels
 
         n = len(q)
