@@ -468,7 +468,9 @@ def test_a_code_bounds_what_it_leaves_out():
 def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
     """A tile's queries are scored a few rows at a time, against the key rows within
     their reach only: every (key, query) pair within reach gets the score a matmul of
-    the whole block gives, and the pairs skipped, over a third here, stay -inf."""
+    the whole block gives, and the pairs skipped, over a third here, stay -inf. Each
+    run's best is the maximum of its keys' scores, -inf where none is within reach, in
+    the ring and in the first frame's dense group alike."""
     feats = low_rank_features(3, 256, 40, 24, seed=3)
     cfg = dataclasses.replace(preset("crw"), context=2, radius=5.0, radius_shape=shape)
     engine = _Propagator(feats[0], torch.rand(2, 40, 24), cfg)
@@ -481,11 +483,17 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
     for y0, x0 in [(0, 0), (16, 8)]:
         codes = engine.codes[y0:y0 + 16, x0:x0 + 8].flatten(0, 1)
-        scores = ring.approximate(codes, y0, x0, 0)[0].view(reach.shape).float()
+        scores, best, _ = ring.approximate(codes, y0, x0, 0)
+        scores = scores.view(reach.shape).float()
         block = ring.codes[x0 // _RUN:(x0 + cols) // _RUN, y0:y0 + rows]  # (B / _RUN, R, S, _RUN, C')
         whole = (block.float() @ codes.float().T)  # exact products of the bfloat16 codes, summed in float32
         torch.testing.assert_close(scores[reach], whole[reach], rtol=2.0 ** -8, atol=1e-6)
         assert scores.isfinite().float().mean() < 0.65
+        in_reach = reach.any(3)  # (B / _RUN, R, S, Q): some key of the run is within reach
+        want = scores.amax(3).masked_fill(~in_reach, -math.inf)
+        assert torch.equal(best.view(want.shape), want)
+        first_scores, first_best, _ = engine.groups[0].approximate(codes, y0, x0, 0)
+        assert torch.equal(first_best, first_scores.float().view(len(first_best), _RUN, -1).amax(1))
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["signed", "post-relu"])

@@ -402,9 +402,8 @@ class _Context:
         if coder is not None:
             # Per run, a 0 / -inf bias for whether any of its keys is within reach of the
             # query, (B / _RUN * R, Q); none where every key is.
-            self.run_reach = torch.zeros(runs.shape, device=device).masked_fill_(~runs, -math.inf).flatten(0, 1)
-            if radius is None:
-                self.run_reach = self.run_reach[:0]
+            self.run_reach = (torch.zeros(runs.shape, device=device).masked_fill_(~runs, -math.inf).flatten(0, 1)
+                              if radius is not None else torch.zeros(0, runs.shape[2], device=device))
             # A query meets a disk of its tile's block, a third of it: so the bfloat16
             # pass scores the queries of _PIECE tile rows at a time, each band against
             # the rows of keys within their reach only, which saves a third of the
