@@ -187,13 +187,13 @@ def test_the_presets_run_the_shortlist_and_it_is_short(monkeypatch):
         assert engine.shortlist == (name != "timecycle"), name
     kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
     scored = []
-    select = kernels.select
+    shortlist = kernels.shortlist
 
     def counting(*args):
-        scored.append(select(*args))  # the (key, query) pairs scored exactly
+        scored.append(shortlist(*args))  # the (key, query) pairs scored exactly
         return scored[-1]
 
-    monkeypatch.setattr(kernels, "select", counting)
+    monkeypatch.setattr(kernels, "shortlist", counting)
     g = torch.Generator().manual_seed(4)
     smooth = F.interpolate(torch.randn(6, 32, 4, 5, generator=g), size=(32, 40), mode="bilinear", align_corners=False)
     feats = F.normalize(smooth + 0.01 * torch.randn(smooth.shape, generator=g), dim=1)  # no two cells alike
@@ -257,15 +257,15 @@ def test_an_error_in_a_tile_reaches_the_caller(monkeypatch):
     """A tile that fails, on whichever thread scored it, fails the frame in the caller,
     and the caller's torch thread count comes back."""
     kernels = importlib.import_module("timecycle.kernels")
-    select, calls = kernels.select, []
+    shortlist, calls = kernels.shortlist, []
 
     def failing(*args):
         calls.append(None)
         if len(calls) == 5:
             raise RuntimeError("tile failed")
-        return select(*args)
+        return shortlist(*args)
 
-    monkeypatch.setattr(kernels, "select", failing)
+    monkeypatch.setattr(kernels, "shortlist", failing)
     g = torch.Generator().manual_seed(9)
     feats = F.normalize(torch.randn(3, 32, 20, 27, generator=g), dim=1)
     threads = torch.get_num_threads()
@@ -423,7 +423,7 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     for y0, x0 in [(0, 0), (0, 16)]:
         tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
         codes = engine.codes[tile].flatten(0, 1)
-        approximate = group.approximate(codes, y0, x0, 0)[0].double()  # (N, Q), band by band, runs' keys innermost
+        approximate = group.approximate(codes, y0, x0, 0, len(codes)).double()  # (N, Q), band by band, run-innermost
         rows, cols, slots = group.feats.shape[:3]
         approximate = approximate.view(cols // _RUN, rows, slots, _RUN, -1).permute(1, 0, 3, 2, 4)
         approximate = approximate.reshape(-1, len(codes))  # as the buffers: (rows, cols, slots)
@@ -467,10 +467,12 @@ def test_a_code_bounds_what_it_leaves_out():
 @pytest.mark.parametrize("shape", ["circle", "square"])
 def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
     """A tile's queries are scored a few rows at a time, against the key rows within
-    their reach only: every (key, query) pair within reach gets the score a matmul of
-    the whole block gives, and the pairs skipped, over a third here, stay -inf. Each
-    run's best is the maximum of its keys' scores, -inf where none is within reach, in
-    the ring and in the first frame's dense group alike."""
+    their reach only, and only where the block holds keys of the grid: every (key,
+    query) pair within reach of a key of the grid gets the score a matmul of the whole
+    block gives, and the pairs skipped, over a third here, stay -inf. Each run's best is
+    the maximum of its keys' scores, -inf where none is within reach or the run lies in
+    the buffers' padding, in the ring and in the first frame's dense group alike."""
+    kernels = importlib.import_module("timecycle.kernels")
     feats = low_rank_features(3, 256, 40, 24, seed=3)
     cfg = dataclasses.replace(preset("crw"), context=2, radius=5.0, radius_shape=shape)
     engine = _Propagator(feats[0], torch.rand(2, 40, 24), cfg)
@@ -478,22 +480,58 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
     cells = feats[2].permute(1, 2, 0).contiguous()
     engine._code_queries(cells, engine.groups[0].coder(cells))
     ring = engine.groups[1]
-    (rows, cols), slots = ring.span, ring.slots
+    (rows, cols), slots, margin = ring.span, ring.slots, ring.margin
     reach = (ring.reach.view(rows, cols // _RUN, _RUN, -1) == 0).permute(1, 0, 2, 3)  # (B / _RUN, R, _RUN, Q)
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
-    for y0, x0 in [(0, 0), (16, 8)]:
+    for worker, (y0, x0) in enumerate([(0, 0), (16, 8)]):  # a fresh worker's scores: -inf wherever not computed
         codes = engine.codes[y0:y0 + 16, x0:x0 + 8].flatten(0, 1)
-        scores, best, _ = ring.approximate(codes, y0, x0, 0)
+        scores = ring.approximate(codes, y0, x0, worker, len(codes))
+        best = np.full((len(scores) // _RUN, len(codes)), -np.inf, np.float32)  # as a worker's buffer
+        pieces = ring.tile_pieces(y0, x0, len(codes))
+        kernels.run_maxima(scores.view(torch.int16).numpy(), pieces, ring.run_reach.numpy(), _RUN, rows, slots, best)
         scores = scores.view(reach.shape).float()
+        # Where the block holds keys of the grid: its rows, and its bands with a column, in it.
+        grid_rows = (torch.arange(rows) + y0 - margin).clamp(0, 39) == torch.arange(rows) + y0 - margin
+        band_cols = torch.arange(cols).view(-1, _RUN) + x0 - margin
+        grid_bands = ((band_cols >= 0) & (band_cols < 24)).any(1)
+        held = (grid_bands[:, None] & grid_rows)[:, :, None, None, None]
+        assert held.all() == (y0 > 0)  # the first tile's block reaches into the padding above and left of it
         block = ring.codes[x0 // _RUN:(x0 + cols) // _RUN, y0:y0 + rows]  # (B / _RUN, R, S, _RUN, C')
         whole = (block.float() @ codes.float().T)  # exact products of the bfloat16 codes, summed in float32
-        torch.testing.assert_close(scores[reach], whole[reach], rtol=2.0 ** -8, atol=1e-6)
-        assert scores.isfinite().float().mean() < 0.65
-        in_reach = reach.any(3)  # (B / _RUN, R, S, Q): some key of the run is within reach
+        torch.testing.assert_close(scores[reach & held], whole[reach & held], rtol=2.0 ** -8, atol=1e-6)
+        assert scores.isfinite().float().mean() < 0.65 and not scores[~held.expand_as(scores)].isfinite().any()
+        in_reach = reach.any(3) & held[..., 0, :]  # (B / _RUN, R, S, Q): some key of the run is, in the grid
         want = scores.amax(3).masked_fill(~in_reach, -math.inf)
-        assert torch.equal(best.view(want.shape), want)
-        first_scores, first_best, _ = engine.groups[0].approximate(codes, y0, x0, 0)
-        assert torch.equal(first_best, first_scores.float().view(len(first_best), _RUN, -1).amax(1))
+        assert torch.equal(torch.from_numpy(best).view(want.shape), want)
+        first = engine.groups[0]
+        first_scores = first.approximate(codes, y0, x0, worker, len(codes))
+        first_best = np.zeros((len(first_scores) // _RUN, len(codes)), np.float32)
+        kernels.run_maxima(first_scores.view(torch.int16).numpy(), first.tile_pieces(y0, x0, len(codes)),
+                           first.run_reach.numpy(), _RUN, *first.span[:1], 1, first_best)
+        assert torch.equal(torch.from_numpy(first_best), first_scores.float().view(len(first_best), _RUN, -1).amax(1))
+
+
+def test_a_tile_at_the_grids_edge_skips_the_padding_and_the_rows_past_it():
+    """The rows each piece scores, by hand, on a 20 x 27 grid at radius 8 (tiles of 16 x
+    8 queries, pieces of 4 tile rows, bands of 8 columns): the ring's buffers have 8
+    cells of padding each side, and a block is 32 rows by 3 bands. The block of the
+    tile at (16, 24) is grid rows 8..39 and columns 16..39: its rows past block row 11
+    hold no grid row and its last band no grid column (0..26), and only its first piece
+    row's queries (grid rows 16..19) are live. The top-left tile's block is grid rows
+    -8..23 and columns -8..15: its first 8 rows and its first band are padding."""
+    feats = random_features(1, 8, 20, 27)
+    cfg = dataclasses.replace(preset("crw"), context=2, radius=8.0)
+    ring = _Propagator(feats[0], torch.rand(2, 20, 27), cfg).groups[1]
+    assert ring.span == (32, 24) and ring.margin == 8
+    corner = ring.tile_pieces(16, 24, 32)
+    assert corner[:, 3].max() == 0 and len(corner) == 3  # one piece row, three bands
+    for band, lo, hi, q0, q1, held, end in corner.tolist():
+        assert lo < hi and (end - held) == (min(hi, 12) - max(lo, 0) if band < 2 else 0), band
+    top_left = ring.tile_pieces(0, 0, 128)
+    assert len(top_left) == len(ring.pieces) == 12
+    for band, lo, hi, q0, q1, held, end in top_left.tolist():
+        assert (end - held) == (min(hi, 28) - max(lo, 8) if band > 0 else 0), band
+        assert held >= 8 or held == end
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["signed", "post-relu"])
@@ -502,8 +540,8 @@ def test_projected_codes_equal_dense_reference(monkeypatch, relu):
     out widens the bounds but rules out no key that the dense reference keeps."""
     kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
     scored = []
-    select = kernels.select
-    monkeypatch.setattr(kernels, "select", lambda *args: scored.append(select(*args)) or scored[-1])
+    shortlist = kernels.shortlist
+    monkeypatch.setattr(kernels, "shortlist", lambda *args: scored.append(shortlist(*args)) or scored[-1])
     feats = low_rank_features(8, 512, 20, 26, seed=5, relu=relu)
     first = torch.rand(3, 20, 26, generator=torch.Generator().manual_seed(1))
     for name in ("crw", "dino"):

@@ -1,7 +1,8 @@
 """The compiled CPU loops of the propagation engine's shortlist (:mod:`timecycle.propagate`).
 
-They live apart so that numba is imported, and the loops compiled (about 2.5 s, then
-cached), only where they run: a GPU scores every key in float32 and never needs them.
+They live apart so that numba is imported, and the loops compiled (about 10 s on 2
+cores, then cached), only where they run: a GPU scores every key in float32 and never
+needs them.
 """
 from __future__ import annotations
 
@@ -54,23 +55,27 @@ def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows,
 
 @numba.njit(nogil=True, fastmath={"nnan"}, cache=True)
 def run_maxima(approximate, pieces, run_reach, run, rows, slots, best):
-    """``best`` (runs, Q) float32, which holds -inf, gets for each piece (band, first
-    row, last row + 1, first query, last query + 1) of the block each of its runs' best
-    score in ``approximate`` (keys, Q), bfloat16's bits as int16, plus ``run_reach``
-    (band * rows + row, Q) where given (a 0 / -inf bias). Only the pieces' scores are
-    read, two thirds of a ring's block: 0.55 ms for a ResNet-18 tile's ring, where
+    """``best`` (runs, Q) float32 gets for each piece (band, first row, last row + 1,
+    first query, last query + 1, first row held, last row held + 1) of the block each of
+    its runs' best score in ``approximate`` (keys, Q), bfloat16's bits as int16, plus
+    ``run_reach`` (band * rows + row, Q) where given (a 0 / -inf bias); -inf in the rows
+    that hold no key of the grid, whose scores were not computed. Only the pieces' scores
+    are read, two thirds of a ring's block: 0.55 ms for a ResNet-18 tile's ring, where
     torch's maximum over a middle dimension, the float32 conversion and the bias took
     0.9. No score is NaN (finite or -inf), which lets the maxima vectorise."""
     wide = np.empty(best.shape[1], np.int32)
     floats = wide.view(np.float32)  # a bfloat16 is the top half of a float32's bits
     top = np.empty(best.shape[1], np.float32)
     for p in range(pieces.shape[0]):
-        band, lo, hi, q0, q1 = pieces[p]
+        band, lo, hi, q0, q1, held, held_end = pieces[p]
         n = np.uint64(q1 - q0)  # unsigned: no index wraps around, so the loops vectorise
         for row in range(lo, hi):
             for slot in range(slots):
                 r = (band * rows + row) * slots + slot
                 out = best[r, q0:q1]
+                if row < held or row >= held_end:
+                    out[:] = -np.inf
+                    continue
                 for j in range(run):
                     scores = approximate[r * run + j, q0:q1]
                     for i in range(n):
@@ -94,24 +99,24 @@ def run_maxima(approximate, pieces, run_reach, run, rows, slots, best):
 def best_rows(values, rows):
     """``rows`` (m, Q) filled with the rows of ``values`` (R, Q) holding each query's m
     highest values, highest first, the first met of equals; -1 where fewer than m are
-    above -inf. torch's top-k along the first dimension took 0.55 ms a tile for 2k of
-    ResNet-18's 505 slab rows; this, which passes over most values with one
-    comparison, 0.24 ms."""
-    m = rows.shape[0]
-    top = np.empty(m, np.float32)
-    for i in range(values.shape[1]):
-        top[:] = -np.inf
-        floor = top[m - 1]
-        for r in range(values.shape[0]):
-            v = values[r, i]
-            if not v > floor:
+    above -inf. Row by row, as the values are stored: most fall below their query's
+    m-th best so far at one comparison. torch's top-k along the first dimension took
+    0.55 ms a tile for 2k of ResNet-18's 505 slab rows."""
+    m, n = rows.shape
+    top = np.full((m, n), -np.inf, np.float32)
+    floor = np.full(n, -np.inf, np.float32)  # each query's m-th best so far
+    for r in range(values.shape[0]):
+        row = values[r]
+        for i in range(n):
+            v = row[i]
+            if not v > floor[i]:
                 continue
             j = m - 1
-            while j > 0 and top[j - 1] < v:
-                top[j], rows[j, i] = top[j - 1], rows[j - 1, i]
+            while j > 0 and top[j - 1, i] < v:
+                top[j, i], rows[j, i] = top[j - 1, i], rows[j - 1, i]
                 j -= 1
-            top[j], rows[j, i] = v, r
-            floor = top[m - 1]
+            top[j, i], rows[j, i] = v, r
+            floor[i] = top[m - 1, i]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -196,4 +201,119 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
                 values[i, m], keys[i, m] = score, key
                 if values[i, k - 1] > -np.inf:
                     theta[i] = max(theta[i], threshold(values[i, k - 1], terms, i, u, slack))
+    return scored
+
+
+@numba.njit(nogil=True, cache=True)
+def shortlist(queries, weights, terms, past, y0, x0, tile, live, k, temperature, u, slack, slabs, feats, absent,
+              labs, key_errors, run_errors, reach, run_reach, pieces, approximate, best, geometry, values, labels):
+    """A tile's kept scores / temperature, ``values`` (Q, k), and their keys' labels,
+    ``labels`` (Q, k, K), filled in place, from its block's approximate scores in each
+    group of context frames; returns how many (key, query) pairs were scored exactly.
+
+    The steps and the bounds are :meth:`timecycle.propagate._Propagator._shortlisted`'s.
+    The tile's queries, ``tile`` = (rows, columns) cells from (y0, x0), are read from the
+    frame's (H, W, C) queries, (H, W, 3) weights, (3, H, W) terms and (H, W) cells past
+    the grid; only the first ``live`` are scored, the rest (past the grid) keep nothing,
+    values -inf. Per group (tuples): the buffers' keys (N, C), absent (N,), labels
+    (N, K), key errors (N, 3) and run errors (cols / run, rows, S, 3); the block's reach
+    (as :func:`select`), the runs' reach and the tile's pieces (as :func:`run_maxima`);
+    the block's scores (keys, Q) as bfloat16's bits, and a (runs, Q) buffer for the
+    runs' maxima, -inf but where the pieces reach; and ``geometry`` (groups, 7): run, the
+    block's rows and columns, slots, its top-left in the buffers and the buffers' width.
+    One call does what a few dozen torch steps a tile did, whose overhead was about a
+    tenth of a ResNet-18 frame's thread-seconds."""
+    n, groups = live, len(feats)
+    q = np.empty((n, queries.shape[2]))
+    w = np.empty((3, n), np.float32)
+    theta_terms = np.empty((3, n))
+    beyond = np.empty(n, np.bool_)
+    grow = np.float32(1 + u)
+    for i in range(n):
+        y, x = y0 + i // tile[1], x0 + i % tile[1]
+        for c in range(q.shape[1]):  # element by element: numba's array assignment compiles slowly
+            q[i, c] = queries[y, x, c]
+        beyond[i] = past[y, x]
+        for c in range(3):
+            w[c, i] = weights[y, x, c] * grow
+            theta_terms[c, i] = terms[c, y, x]
+    # Each group's runs in slabs: the best runs of 2k slab rows are 2k distinct runs.
+    total = 0
+    for g in range(groups):
+        run, rows, cols, slots, top, left, width = geometry[g]
+        run_maxima(approximate[g].view(np.int16), pieces[g], run_reach[g], run, rows, slots, best[g])
+        total += len(best[g]) // slabs
+    maxima = np.empty((total, n), np.float32)
+    start = 0
+    for g in range(groups):
+        runs = best[g]
+        m = len(runs) // slabs
+        for r in range(m):
+            out = maxima[start + r]
+            for i in range(n):
+                out[i] = runs[r, i]
+            for s in range(1, slabs):
+                row = runs[s * m + r]
+                for i in range(n):
+                    out[i] = max(out[i], row[i])
+        start += m
+    rows_seen = np.full((min(2 * k, total), n), -1, np.int64)
+    best_rows(maxima, rows_seen)
+    seeds = np.full((n, len(rows_seen)), -np.inf)
+    start = 0
+    for g in range(groups):
+        run, rows, cols, slots, top, left, width = geometry[g]
+        m = len(best[g]) // slabs
+        mine = rows_seen - start  # the group's rows, -1 for the others
+        for j in range(mine.shape[0]):
+            for i in range(n):
+                if not 0 <= mine[j, i] < m:
+                    mine[j, i] = -1
+        seed(q, feats[g], absent[g], approximate[g], reach[g], best[g], mine, m, run, rows, cols, slots, top, left,
+             width, seeds)
+        start += m
+    kth = np.full(n, -np.inf)  # each query's k-th best seed
+    if seeds.shape[1] >= k:
+        kept = np.empty(k)
+        for i in range(n):
+            kept[:] = -np.inf  # the k best so far, best first
+            for v in seeds[i]:
+                j = k - 1
+                if not v > kept[j]:
+                    continue
+                while j > 0 and kept[j - 1] < v:
+                    kept[j] = kept[j - 1]
+                    j -= 1
+                kept[j] = v
+            kth[i] = kept[k - 1]
+    theta = np.empty(n, np.float32)
+    thresholds(kth, theta_terms, beyond, u, slack, theta)
+    found = np.full((groups, n, k), -np.inf)
+    keys = np.zeros((groups, n, k), np.int64)
+    scored = 0
+    for g in range(groups):
+        run, rows, cols, slots, top, left, width = geometry[g]
+        block = run_errors[g][left // run:(left + cols) // run, top:top + rows]  # (B / run, R, S, 3)
+        errors = np.empty((block.shape[0] * rows * slots, 3), np.float32)  # as the runs are ordered
+        for r in range(len(errors)):
+            for c in range(3):
+                errors[r, c] = block[r // (rows * slots), r // slots % rows, r % slots, c]
+        scored += select(q, feats[g], absent[g], approximate[g], reach[g], best[g], errors, key_errors[g], w, theta,
+                         run, rows, cols, slots, top, left, width, found[g], keys[g], theta_terms, u, slack)
+    # The groups' k best, merged: the first group's first of equals.
+    at = np.zeros(groups, np.int64)
+    for i in range(n):
+        at[:] = 0
+        for j in range(k):
+            g = 0
+            for h in range(1, groups):
+                if found[h, i, at[h]] > found[g, i, at[g]]:
+                    g = h
+            values[i, j] = found[g, i, at[g]] / temperature
+            label = labs[g][keys[g, i, at[g]]]
+            for c in range(labels.shape[2]):
+                labels[i, j, c] = label[c]
+            at[g] += 1
+    values[n:] = -np.inf
+    labels[n:] = 0
     return scored

@@ -419,7 +419,8 @@ class _Context:
                         pieces.append((band, rows_hit[0], rows_hit[-1] + 1, q0, q1))
             self.pieces = np.array(pieces, dtype=np.int64)
             self.scores_shape = runs.shape[:2] + (slots, _RUN, runs.shape[2])  # (B / _RUN, R, S, _RUN, Q)
-            self.scratch: dict[int, Tensor] = {}  # per worker thread, its scores (see _scores)
+            self.scratch: dict[int, tuple[Tensor, np.ndarray]] = {}  # per worker thread (see _scratch)
+            self.held: dict[tuple[int, int, int], np.ndarray] = {}  # per tile (see tile_pieces)
 
     def write(self, slot: int, keys: Tensor, labels: Tensor,
               coded: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
@@ -451,79 +452,66 @@ class _Context:
         """Where the tile whose top-left cell is (y0, x0) meets the buffers: the block's top-left."""
         return (0, 0) if self.r is None else (y0, x0)
 
-    def _scores(self, worker: int) -> Tensor:
-        """The bfloat16 pass's scores buffer of worker thread ``worker``: its pairs out
-        of every piece's reach are never computed and stay -inf."""
+    def _scratch(self, worker: int) -> tuple[Tensor, np.ndarray]:
+        """Worker thread ``worker``'s bfloat16 scores of a tile's block (B / _RUN, R, S,
+        _RUN, Q), whose pairs out of every piece's reach are never computed and stay -inf,
+        and its runs' maxima (B / _RUN * R * S, Q), float32, -inf where no piece reaches,
+        as every tile's pieces are the same."""
         if worker not in self.scratch:
-            self.scratch[worker] = torch.full(self.scores_shape, -math.inf, dtype=torch.bfloat16,
-                                              device=self.codes.device)
+            scores = torch.full(self.scores_shape, -math.inf, dtype=torch.bfloat16, device=self.codes.device)
+            best = np.full((math.prod(self.scores_shape[:3]), self.scores_shape[-1]), -np.inf, np.float32)
+            self.scratch[worker] = scores, best
         return self.scratch[worker]
 
-    def approximate(self, codes: Tensor, y0: int, x0: int, worker: int) -> tuple[Tensor, Tensor, Tensor]:
+    def approximate(self, codes: Tensor, y0: int, x0: int, worker: int, live: int) -> Tensor:
         """Approximate scores (B / _RUN * R * S * _RUN, Q) of the block's keys for queries
         coded (Q, C'), in the order the codes are stored, -inf for some pairs out of
-        reach; each run's best of them, -inf where no key of the run is within reach of
-        the query (B / _RUN * R * S, Q); and the maxima of the runs' key errors
-        (B / _RUN * R * S, 3). The scores are overwritten by the worker's next tile's."""
-        from timecycle import kernels
-
+        reach, for the first ``live`` queries only (a multiple of the pieces' queries);
+        the worker's next tile overwrites them."""
         top, left = self._block(y0, x0)
-        (rows, cols), s = self.span, self.slots
+        (rows, cols), scores = self.span, self._scratch(worker)[0]
         block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, S, _RUN, C')
-        if self.r is None:
-            scores = torch.mm(block.view(-1, block.shape[-1]), codes.T)  # the whole buffer: contiguous
+        if self.r is None:  # the whole buffer: contiguous
+            torch.mm(block.view(-1, block.shape[-1]), codes[:live].T, out=scores.view(-1, len(codes))[:, :live])
         else:
-            scores = self._scores(worker)
-            for band, lo, hi, q0, q1 in self.pieces.tolist():
-                torch.mm(block[band, lo:hi].view(-1, block.shape[-1]), codes[q0:q1].T,
-                         out=scores[band, lo:hi].view(-1, len(codes))[:, q0:q1])
-            scores = scores.view(-1, len(codes))
-        best = torch.full((len(scores) // _RUN, len(codes)), -math.inf, device=codes.device)  # (B / _RUN * R * S, Q)
-        kernels.run_maxima(scores.view(torch.int16).numpy(), self.pieces, self.run_reach.numpy(), _RUN, rows, s,
-                           best.numpy())
-        return scores, best, self.run_errors[left // _RUN:(left + cols) // _RUN, top:top + rows].reshape(-1, 3)
+            for band, _, _, q0, q1, lo, hi in self.tile_pieces(y0, x0, live).tolist():
+                if lo < hi:
+                    torch.mm(block[band, lo:hi].view(-1, block.shape[-1]), codes[q0:q1].T,
+                             out=scores[band, lo:hi].view(-1, len(codes))[:, q0:q1])
+        return scores.view(-1, len(codes))
 
-    def _kernel_args(self, q: Tensor, y0: int, x0: int, approximate: Tensor) -> list:
-        """The arguments of :mod:`timecycle.kernels`' loops that say where the tile's block is."""
-        (rows, cols), reach = self.span, self.reach if self.r is not None else torch.zeros(0, len(q))
-        args = [x.contiguous().numpy() for x in (q, self.feats.flatten(0, 2), self.absent.view(-1),
-                                                 approximate.view(torch.int16), reach)]
-        args[3] = args[3].view(np.uint16)  # bfloat16's bits, which numba has no type for
-        return args, [_RUN, rows, cols, self.slots, *self._block(y0, x0), self.feats.shape[1]]
+    def tile_pieces(self, y0: int, x0: int, live: int) -> np.ndarray:
+        """The pieces of the tile at (y0, x0) whose queries are among its first ``live``,
+        each with the rows of its band that hold keys of the grid, (first, last + 1):
+        a block at the grid's edge reaches into the buffers' padding, where the bfloat16
+        pass skips a fifth of the ring's products at 480p (a left-edge tile's first band,
+        a right-edge tile's last two, a top or bottom tile's outer rows)."""
+        key = y0, x0, live
+        if key not in self.held:
+            top, left = self._block(y0, x0)
+            pieces = self.pieces[self.pieces[:, 3] < live]  # (P, 5)
+            held = np.clip(self.margin - top, pieces[:, 1], pieces[:, 2])
+            end = np.clip(self.margin + self.h - top, held, pieces[:, 2])
+            first = left + _RUN * pieces[:, 0]  # the band's first column in the buffers
+            end = np.where((first + _RUN <= self.margin) | (first >= self.margin + self.w), held, end)
+            self.held[key] = np.concatenate([pieces, held[:, None], end[:, None]], 1)
+        return self.held[key]
 
-    def seed(self, q: Tensor, y0: int, x0: int, approximate: Tensor, best: Tensor, rows: Tensor,
-             values: Tensor) -> None:
-        """For each query i and row ``rows[j, i]`` (-1: none) of the block's runs in
-        _SLABS slabs, ``values[i, j]`` = the float64 score of the key that scores best in
-        ``approximate`` (keys, Q) of those within reach in the run of that row whose
-        ``best`` (runs, Q) is highest, if any (:func:`timecycle.kernels.seed`)."""
-        from timecycle import kernels  # numba, imported where it runs: never on a GPU
+    @functools.cached_property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The buffers as :func:`timecycle.kernels.shortlist` reads them (views, which
+        :meth:`write` updates): keys (N, C), absent (N,), labels (N, K), key errors (N, 3),
+        run errors, the block's reach (R * B, Q) (none for a dense group) and the runs'
+        reach."""
+        reach = self.reach if self.r is not None else torch.zeros(0, self.run_reach.shape[1])
+        return (self.feats.flatten(0, 2).numpy(), self.absent.view(-1).numpy(),
+                self.labs.view(-1, self.labs.shape[-1]).numpy(), self.key_errors.view(-1, 3).numpy(),
+                self.run_errors.numpy(), reach.numpy(), self.run_reach.numpy())
 
-        data, block = self._kernel_args(q, y0, x0, approximate)
-        kernels.seed(*data, best.contiguous().numpy(), rows.numpy(), len(best) // _SLABS, *block, values.numpy())
-
-    def exact(self, q: Tensor, y0: int, x0: int, run_best: Tensor, run_errors: Tensor, approximate: Tensor,
-              weights: Tensor, theta: Tensor, terms: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Each query's k best float64 scores (Q, k) among the block's keys that the
-        bounds cannot rule out, best first and padded with -inf, and their labels (Q, k, K).
-
-        The runs of the block whose upper bound, the best approximate score ``run_best``
-        (runs, Q) plus the error bound ``run_errors`` (runs, 3) @ ``weights`` (3, Q),
-        reaches the query's ``theta`` (Q,) may hold one of its k best; of their keys,
-        those whose approximate score plus its error bound, key errors (3,) @ weights,
-        reaches theta are scored, by :func:`timecycle.kernels.select`. A query's theta,
-        a float32 tensor that the loop writes to, rises with the k-th best score found,
-        from ``terms`` (3, Q) (see :meth:`_Propagator._shortlisted`)."""
-        from timecycle import kernels
-
-        n = len(q)
-        values = torch.full((n, k), -math.inf, dtype=torch.float64)
-        keys = torch.zeros((n, k), dtype=torch.int64)
-        data, block = self._kernel_args(q, y0, x0, approximate)
-        args = data + [x.contiguous().numpy() for x in (run_best, run_errors, self.key_errors.view(-1, 3), weights)]
-        args += [theta.numpy()] + block + [values.numpy(), keys.numpy()]
-        kernels.select(*args, terms.contiguous().numpy(), _U, _SLACK)
-        return values, self.labs.view(-1, self.labs.shape[-1])[keys]
+    def geometry(self, y0: int, x0: int) -> list[int]:
+        """Where the tile whose top-left cell is (y0, x0) meets the buffers, as
+        :func:`timecycle.kernels.shortlist` takes it."""
+        return [_RUN, *self.span, self.slots, *self._block(y0, x0), self.feats.shape[1]]
 
     def tile_bytes(self, queries: int) -> int:
         """Bytes of the float32 path's intermediates for one tile of ``queries`` cells:
@@ -584,6 +572,11 @@ class _Propagator:
             self.bounds = torch.zeros(3, *self.queries.shape[:2], dtype=torch.float64, device=device)
             self.past = torch.ones(self.queries.shape[:2], dtype=torch.bool, device=device)  # cells past the grid
             self.past[:self.h, :self.w] = False
+            # What kernels.shortlist reads of every tile, and where it puts each tile's
+            # kept values (T, Q, k) and their labels (T, Q, k, K).
+            self.grid = tuple(x.numpy() for x in (self.queries, self.weights, self.bounds, self.past))
+            tiles = self.tiles[0] * self.tiles[1], _TILE[0] * _TILE[1], cfg.top_k
+            self.kept = torch.empty(tiles, dtype=torch.float64), torch.empty(*tiles, self.classes)
 
         # The first frame sits in slot 0 of its group; the previous frames cycle through
         # the ring of ``cfg.context`` slots after it, or from slot 0 of a group of their own.
@@ -653,18 +646,11 @@ class _Propagator:
         the caller's is 1, keep 1 (as would a thread the caller's program starts
         meanwhile)."""
         origins = [(y0, x0) for y0 in range(0, self.h, _TILE[0]) for x0 in range(0, self.w, _TILE[1])]
-        preds: list[Tensor | None] = [None] * len(origins)
         todo = iter(range(len(origins)))  # shared: taking the next tile is atomic under the GIL
 
         def work(worker: int) -> None:
             for i in todo:
-                y0, x0 = origins[i]
-                tile = (slice(y0, y0 + _TILE[0]), slice(x0, x0 + _TILE[1]))
-                values, labels = self._shortlisted(
-                    self.queries[tile].flatten(0, 1).double(), self.codes[tile].flatten(0, 1),
-                    self.weights[tile].flatten(0, 1).T, self.bounds[:, *tile].flatten(1),
-                    self.past[tile].flatten(), y0, x0, worker)
-                preds[i] = self._weighted(values[None], labels[None])
+                self._shortlisted(i, *origins[i], worker)
 
         threads = torch.get_num_threads()  # the calling thread's: torch keeps a count per thread
         workers = min(threads, len(origins))
@@ -679,7 +665,7 @@ class _Propagator:
                 helper.result()  # raises what the helper raised
         finally:
             torch.set_num_threads(threads)
-        return preds
+        return [self._weighted(*self.kept)]
 
     def _code_queries(self, q: Tensor, coded: tuple[Tensor, Tensor, Tensor]) -> None:
         """From queries (h, w, C) and their codes and bounds (:class:`_Coder`), the
@@ -714,58 +700,46 @@ class _Propagator:
         self.bounds[1, :self.h, :self.w] = _gamma(self.channels + 2, _U_F64) * (q_norm * kmax
                                                                                + c_norm * (q_norm + 2 * c_norm))
 
-    def _shortlisted(self, q: Tensor, codes: Tensor, weights: Tensor, bounds: Tensor, past: Tensor, y0: int,
-                     x0: int, worker: int) -> tuple[Tensor, Tensor]:
-        """The kept scores / temperature (Q, k) and their labels (Q, k, K) for the tile's
-        queries (Q, C), from the keys that the bfloat16 pass cannot rule out; queries
-        past the grid rule out all. ``worker``: the thread's number (:meth:`_shortlist_tiles`).
+    def _shortlisted(self, tile: int, y0: int, x0: int, worker: int) -> int:
+        """Tile ``tile``'s kept scores / temperature (Q, k) and their labels (Q, k, K),
+        into ``self.kept``, from the keys that the bfloat16 pass cannot rule out; queries
+        past the grid rule out all. ``worker``: the thread's number
+        (:meth:`_shortlist_tiles`). Returns how many (key, query) pairs were scored exactly.
 
         The exact scores of any k keys bound the k-th best from below, and the more
         closely the better: so each query scores, as seeds, the key that scores best
         approximately in each of 2k distinct runs (a run: neighbouring cells of one row
         of one frame) whose best approximate scores are high, the best runs of the 2k
-        best rows of slabs of runs. Runs whose best, and then
-        keys whose score, plus its error bound cannot reach the k-th best seed are ruled
-        out; the rest are scored in float64 and ranked, the threshold rising with the
-        k-th best score found, from one group of context frames to the next too.
+        best rows of slabs of runs. Runs whose best, and then keys whose score, plus its
+        error bound cannot reach the k-th best seed are ruled out; the rest are scored in
+        float64 and ranked, the threshold rising with the k-th best score found, from one
+        group of context frames to the next too. It all runs in one compiled call
+        (:func:`timecycle.kernels.shortlist`) after the bfloat16 matmuls.
 
         Per key, the exact score less q . c + t, S, is within e + e_key of the bfloat16
         matmul's float32 sum s (see :meth:`_code_queries`), and s within u |s| of its
-        rounding A, so |s| <= |A| / (1 - u). All the bounds below follow from these, with
-        f(A) = A - _U |A| <= the inverse of A + u |A| / (1 - u), which is increasing.
+        rounding A, so |s| <= |A| / (1 - u). All the bounds follow from these, with
+        f(A) = A - _U |A| <= the inverse of A + u |A| / (1 - u), which is increasing. The
+        k-th best seed's float64 score v is at most the k-th best float64 score, so a key
+        can be kept only if its S >= v - (q . c + t) - e64; sufficient: A + (1 + _U) e_key
+        >= y - _U |y| with y = v - (q . c + t) - e64 - e, the threshold theta
+        (:func:`timecycle.kernels.threshold`), from the bounds e, e64 and q . c + t.
         """
         from timecycle import kernels  # numba, imported where it runs: never on a GPU
 
-        k, n = self.cfg.top_k, len(q)
+        codes = self.codes[y0:y0 + _TILE[0], x0:x0 + _TILE[1]].flatten(0, 1)  # (Q, C')
+        # A tile's last rows of queries may lie past the grid: the pieces they fill are skipped.
+        piece = _PIECE * _TILE[1]
+        live = min(-(-(self.h - y0) * _TILE[1] // piece) * piece, len(codes))
         groups = [g for g in self.groups if g.filled]
-        approximate = [g.approximate(codes, y0, x0, worker) for g in groups]
-        # Each group's runs in _SLABS slabs: the best runs of 2k slab rows are 2k distinct runs.
-        slabs = [best[:len(best) // _SLABS * _SLABS].view(_SLABS, -1, n).amax(0) for _, best, _ in approximate]
-        maxima = torch.cat(slabs)
-        rows = torch.full((min(2 * k, len(maxima)), n), -1, dtype=torch.int64)  # (2k, Q)
-        kernels.best_rows(maxima.numpy(), rows.numpy())
-        seeds = torch.full((n, len(rows)), -math.inf, dtype=torch.float64)
-        start = 0
-        for g, (approx, best, _), slab in zip(groups, approximate, slabs):
-            mine = (rows >= start) & (rows < start + len(slab))
-            g.seed(q, y0, x0, approx, best, torch.where(mine, rows - start, -1), seeds)
-            start += len(slab)
-        # The k-th best seed's float64 score v is at most the k-th best float64 score, so
-        # a key can be kept only if its S >= v - (q . c + t) - e64; sufficient:
-        # A + (1 + _U) e_key >= y - _U |y| with y = v - (q . c + t) - e64 - e, the threshold
-        # theta (kernels.threshold), from bounds (3, Q) = e, e64 and q . c + t.
-        kth = seeds.topk(k, dim=1).values[:, -1] if seeds.shape[1] >= k else torch.full_like(bounds[0], -math.inf)
-        theta = torch.empty(n)
-        kernels.thresholds(kth.numpy(), bounds.contiguous().numpy(), past.numpy(), _U, _SLACK, theta.numpy())
-        weights = weights * (1 + _U)
-        scores, labels = [], []
-        for g, (approx, group_best, errors) in zip(groups, approximate):
-            found, found_labels = g.exact(q, y0, x0, group_best, errors, approx, weights, theta, bounds, k)
-            scores.append(found)
-            labels.append(found_labels)
-        scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)  # (Q, k * groups), (Q, k * groups, K)
-        values, idx = scores.topk(k, dim=1)  # (Q, k)
-        return values / self.cfg.temperature, labels.gather(1, idx[..., None].expand(-1, -1, labels.shape[-1]))
+        scores = [g.approximate(codes, y0, x0, worker, live).view(torch.int16).numpy().view(np.uint16)
+                  for g in groups]
+        arrays = list(zip(*(g.arrays for g in groups)))
+        geometry = np.array([g.geometry(y0, x0) for g in groups], dtype=np.int64)
+        values, labels = (x[tile].numpy() for x in self.kept)
+        return kernels.shortlist(*self.grid, y0, x0, _TILE, live, self.cfg.top_k, self.cfg.temperature, _U, _SLACK,
+                                 _SLABS, *map(tuple, arrays), tuple(g.tile_pieces(y0, x0, live) for g in groups),
+                                 tuple(scores), tuple(g._scratch(worker)[1] for g in groups), geometry, values, labels)
 
     def _scored(self, q: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
         """The kept values (T, Q, M) and their labels (T, Q, M, K) for the queries (T, Q, C)
