@@ -289,7 +289,7 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     feats = np.array([[1, 0], [0, 1], [1, 1], [0.5, 0]], dtype=np.float32)  # keys 0..3, two runs
     absent = np.array([0, 0, 0, -math.inf], dtype=np.float32)  # key 3 is not there
     approx = torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [9.0, 0, 9], [9.0, 0, 9]]).bfloat16()  # (keys, Q)
-    approx = approx.view(torch.int16).numpy().view(np.uint16)
+    approx = approx.T[:, :, None].contiguous().view(torch.int16).numpy().view(np.uint16)  # a query at a time
     run_best = np.array([[0.5, 0, 0], [-math.inf, 0, 9]], dtype=np.float32)  # (runs, Q): the bounds, with no errors
     theta = np.array([0.5, math.inf, -3.0], dtype=np.float32)
     errors, weights = np.zeros((4, 3), np.float32), np.zeros((3, 3), np.float32)
@@ -329,7 +329,7 @@ def test_select_raises_the_threshold_with_the_kth_best_score():
     q = np.array([[1.0, 0.0]])
     feats = np.array([[0.5, 0], [2, 0], [1, 0]], dtype=np.float32)
     absent = np.zeros(3, np.float32)
-    approx = torch.tensor([[1.0], [0.1875], [0.25]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    approx = torch.tensor([[[1.0], [0.1875], [0.25]]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
     run_best, theta = np.array([[1.0]], np.float32), np.array([-1.0], np.float32)
     errors, weights = np.zeros((3, 3), np.float32), np.zeros((3, 1), np.float32)
     values, keys = np.full((1, 1), -math.inf), np.zeros((1, 1), np.int64)
@@ -346,7 +346,7 @@ def test_select_bounds_a_run_by_its_best_score_plus_its_weighted_errors():
     bound to 0.5 + 0.25 + 0.125 + 0.125 = 1, which reaches theta, and the key is scored;
     with the last weight halved the bound falls short and nothing is."""
     kernels = importlib.import_module("timecycle.kernels")
-    approx = torch.tensor([[0.5]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    approx = torch.tensor([[[0.5]]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
     errors = np.array([[0.25, 0.5, 1.0]], np.float32)
     for last, expected in [(0.125, 1), (0.0625, 0)]:
         weights = np.array([[1.0], [0.25], [last]], np.float32)
@@ -372,7 +372,7 @@ def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
     approx = torch.zeros(8, 2)
     approx[4:6, 0] = torch.tensor([3.0, 7.0])
     approx[6:, 1] = torch.tensor([9.0, 1.0])
-    approx = approx.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    approx = approx.T[:, :, None].bfloat16().contiguous().view(torch.int16).numpy().view(np.uint16)  # by query
     reach = np.zeros((8, 2), np.float32)
     reach[[2, 3, 5], 0] = -math.inf  # out of query 0's reach: run 1 and key 5
     best = np.array([[1, 0], [0, 2], [5, 0], [0, 9]], dtype=np.float32)  # (runs, Q); slab rows: runs 0 | 2, 1 | 3
@@ -423,7 +423,7 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     for y0, x0 in [(0, 0), (0, 16)]:
         tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
         codes = engine.codes[tile].flatten(0, 1)
-        approximate = group.approximate(codes, y0, x0, 0, len(codes)).double()  # (N, Q), band by band, run-innermost
+        approximate = group.approximate(codes, y0, x0, 0, len(codes))[0].double()  # (N, Q), by band, run-innermost
         rows, cols, slots = group.feats.shape[:3]
         approximate = approximate.view(cols // _RUN, rows, slots, _RUN, -1).permute(1, 0, 3, 2, 4)
         approximate = approximate.reshape(-1, len(codes))  # as the buffers: (rows, cols, slots)
@@ -485,11 +485,11 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
     for worker, (y0, x0) in enumerate([(0, 0), (16, 8)]):  # a fresh worker's scores: -inf wherever not computed
         codes = engine.codes[y0:y0 + 16, x0:x0 + 8].flatten(0, 1)
-        scores = ring.approximate(codes, y0, x0, worker, len(codes))
-        best = np.full((len(scores) // _RUN, len(codes)), -np.inf, np.float32)  # as a worker's buffer
+        scores = ring.approximate(codes, y0, x0, worker, len(codes))  # (Q / W, keys, W)
+        best = np.full((scores.shape[1] // _RUN, len(codes)), -np.inf, np.float32)  # as a worker's buffer
         pieces = ring.tile_pieces(y0, x0, len(codes))
         kernels.run_maxima(scores.view(torch.int16).numpy(), pieces, ring.run_reach.numpy(), _RUN, rows, slots, best)
-        scores = scores.view(reach.shape).float()
+        scores = scores.movedim(0, -2).reshape(reach.shape).float()
         # Where the block holds keys of the grid: its rows, and its bands with a column, in it.
         grid_rows = (torch.arange(rows) + y0 - margin).clamp(0, 39) == torch.arange(rows) + y0 - margin
         band_cols = torch.arange(cols).view(-1, _RUN) + x0 - margin
@@ -505,7 +505,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
         assert torch.equal(torch.from_numpy(best).view(want.shape), want)
         first = engine.groups[0]
         first_scores = first.approximate(codes, y0, x0, worker, len(codes))
-        first_best = np.zeros((len(first_scores) // _RUN, len(codes)), np.float32)
+        first_best = np.zeros((first_scores.shape[1] // _RUN, len(codes)), np.float32)
         kernels.run_maxima(first_scores.view(torch.int16).numpy(), first.tile_pieces(y0, x0, len(codes)),
                            first.run_reach.numpy(), _RUN, *first.span[:1], 1, first_best)
         assert torch.equal(torch.from_numpy(first_best), first_scores.float().view(len(first_best), _RUN, -1).amax(1))

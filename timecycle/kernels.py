@@ -28,9 +28,11 @@ def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows,
     """For query i and row ``slab_rows[j, i]`` (-1: none) of the block's runs in slabs of
     ``slab`` runs, ``values[i, j]`` = the float64 score of the key with the best
     approximate score among those within reach of the query and there, in the run of
-    that row with the highest ``best`` (runs, Q), if any."""
+    that row with the highest ``best`` (runs, Q), if any. ``approximate`` (Q / W, keys,
+    W): the block's scores, bfloat16's bits, W queries at a time."""
     bits = np.empty(1, np.uint32)
     approx = bits.view(np.float32)  # a bfloat16 score is the top half of a float32's bits
+    width_q = approximate.shape[2]
     for i in range(slab_rows.shape[1]):
         for j in range(slab_rows.shape[0]):
             r = slab_rows[j, i]
@@ -46,7 +48,7 @@ def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows,
                 key = ((top + row) * width + left + col) * slots + slot  # in the buffers
                 if absent[key] != 0 or (reach.shape[0] and reach[row * cols + col, i] != 0):
                     continue
-                bits[0] = np.uint32(approximate[r * run + m, i]) << 16
+                bits[0] = np.uint32(approximate[i // width_q, r * run + m, i % width_q]) << 16
                 if approx[0] > top_score:
                     top_score, chosen = approx[0], key
             if chosen >= 0:
@@ -57,18 +59,19 @@ def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows,
 def run_maxima(approximate, pieces, run_reach, run, rows, slots, best):
     """``best`` (runs, Q) float32 gets for each piece (band, first row, last row + 1,
     first query, last query + 1, first row held, last row held + 1) of the block each of
-    its runs' best score in ``approximate`` (keys, Q), bfloat16's bits as int16, plus
-    ``run_reach`` (band * rows + row, Q) where given (a 0 / -inf bias); -inf in the rows
-    that hold no key of the grid, whose scores were not computed. Only the pieces' scores
-    are read, two thirds of a ring's block: 0.55 ms for a ResNet-18 tile's ring, where
-    torch's maximum over a middle dimension, the float32 conversion and the bias took
-    0.9. No score is NaN (finite or -inf), which lets the maxima vectorise."""
+    its runs' best score in ``approximate`` (Q / W, keys, W), bfloat16's bits as int16,
+    plus ``run_reach`` (band * rows + row, Q) where given (a 0 / -inf bias); -inf in the
+    rows that hold no key of the grid, whose scores were not computed. A piece's queries
+    lie within one W, so its scores are read as they are stored, and only the pieces'
+    scores are read, two thirds of a ring's block. No score is NaN (finite or -inf),
+    which lets the maxima vectorise."""
     wide = np.empty(best.shape[1], np.int32)
     floats = wide.view(np.float32)  # a bfloat16 is the top half of a float32's bits
     top = np.empty(best.shape[1], np.float32)
     for p in range(pieces.shape[0]):
         band, lo, hi, q0, q1, held, held_end = pieces[p]
         n = np.uint64(q1 - q0)  # unsigned: no index wraps around, so the loops vectorise
+        part, first = q0 // approximate.shape[2], q0 % approximate.shape[2]
         for row in range(lo, hi):
             for slot in range(slots):
                 r = (band * rows + row) * slots + slot
@@ -77,7 +80,7 @@ def run_maxima(approximate, pieces, run_reach, run, rows, slots, best):
                     out[:] = -np.inf
                     continue
                 for j in range(run):
-                    scores = approximate[r * run + j, q0:q1]
+                    scores = approximate[part, r * run + j, first:first + n]
                     for i in range(n):
                         wide[i] = np.int32(scores[i]) << 16
                     if j == 0:
@@ -144,8 +147,9 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
            slots, top, left, width, values, keys, terms, u, slack):
     """For a tile's queries, the k best exact scores, ``values`` (Q, k) filled in
     place, and their keys' indices into the buffers, ``keys`` (Q, k), among the keys
-    that may be among them (see :meth:`timecycle.propagate._Context.exact`,
-    whose buffers, block and bounds these are; a run is ``run`` neighbouring keys).
+    that may be among them (see :meth:`timecycle.propagate._Propagator._shortlisted`,
+    whose buffers, block and bounds these are; a run is ``run`` neighbouring keys;
+    ``approximate`` as :func:`seed`'s).
     A run's upper bound is its best approximate score, ``run_best`` (runs, Q), plus its
     keys' largest errors, ``run_errors`` (runs, 3), weighted as a key's are.
 
@@ -159,7 +163,7 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
     so ``theta`` is raised in place (:func:`threshold` with ``terms``, ``u`` and
     ``slack``) as it rises: 17% fewer pairs scored with either ResNet on DAVIS.
     Returns how many (key, query) pairs it scored."""
-    k, scored = values.shape[1], 0
+    k, scored, width_q = values.shape[1], 0, approximate.shape[2]
     bits = np.empty(1, np.uint32)
     approx = bits.view(np.float32)
     reached = np.empty(values.shape[0], np.int64)  # the queries whose threshold a run's bound reaches
@@ -184,7 +188,7 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
             key = ((top + row) * width + left + col) * slots + slot
             errors = key_errors[key]
             for i in reached[:n]:
-                bits[0] = np.uint32(approximate[r * run + j, i]) << 16
+                bits[0] = np.uint32(approximate[i // width_q, r * run + j, i % width_q]) << 16
                 bound = approx[0] + (errors[0] * weights[0, i] + errors[1] * weights[1, i] + errors[2] * weights[2, i])
                 if reach.shape[0]:
                     bound += reach[row * cols + col, i]
@@ -218,7 +222,7 @@ def shortlist(queries, weights, terms, past, y0, x0, tile, live, k, temperature,
     values -inf. Per group (tuples): the buffers' keys (N, C), absent (N,), labels
     (N, K), key errors (N, 3) and run errors (cols / run, rows, S, 3); the block's reach
     (as :func:`select`), the runs' reach and the tile's pieces (as :func:`run_maxima`);
-    the block's scores (keys, Q) as bfloat16's bits, and a (runs, Q) buffer for the
+    the block's scores (Q / W, keys, W) as bfloat16's bits, and a (runs, Q) buffer for the
     runs' maxima, -inf but where the pieces reach; and ``geometry`` (groups, 7): run, the
     block's rows and columns, slots, its top-left in the buffers and the buffers' width.
     One call does what a few dozen torch steps a tile did, whose overhead was about a
