@@ -305,6 +305,40 @@ def _helpers(threads: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_helpers.cache_clear)  # a forked child has none of its parent's threads
 
 
+def _on_threads(work: Callable[[int, int], object], count: int) -> None:
+    """``work(worker, item)`` for items 0..count - 1, shared out among as many threads as
+    torch uses (the caller's and :func:`_helpers`), each running torch single-threaded
+    meanwhile; ``worker`` numbers the thread, for its scratch buffers.
+
+    A tile's work is a few dozen small steps, torch's and numba's in turn. Spread over
+    torch's threads a step at a time, each step paid to start and stop them, and
+    torch's threads, which spin a while after each step, took the cores from the numba
+    loop's helper thread: on 2 cores a ResNet-18 frame took 0.49-0.56 s that way,
+    0.33-0.36 s with whole tiles per thread, the same results bit for bit (each tile's
+    are its own). torch (with OpenMP) keeps a thread count per thread, which a new
+    thread takes from the last one set: so the helpers, started while the caller's is
+    1, keep 1 (as would a thread the caller's program starts meanwhile)."""
+    todo = iter(range(count))  # shared: taking the next item is atomic under the GIL
+
+    def run(worker: int) -> None:
+        for item in todo:
+            work(worker, item)
+
+    threads = torch.get_num_threads()  # the calling thread's: torch keeps a count per thread
+    workers = min(threads, count)
+    torch.set_num_threads(1)  # for this thread, and the helpers, which start with it
+    try:
+        helpers = [_helpers(workers - 1).submit(run, w) for w in range(1, workers)]
+        try:
+            run(0)
+        finally:
+            wait(helpers)
+        for helper in helpers:
+            helper.result()  # raises what the helper raised
+    finally:
+        torch.set_num_threads(threads)
+
+
 def propagate_features(
     features: Iterable[Tensor], first_labels: Tensor, cfg: PropagationConfig
 ) -> Iterator[Tensor]:
@@ -618,7 +652,7 @@ class _Propagator:
         # A frame's codes as queries and as keys are the same: both centred on the first frame's mean.
         coded, (th, tw) = None, self.tiles
         if self.shortlist:
-            coded = self.groups[0].coder(cells)
+            coded = self._code(cells)
             self._code_queries(cells, coded)
             preds = self._shortlist_tiles()
         else:
@@ -639,40 +673,25 @@ class _Propagator:
         return pred
 
     def _shortlist_tiles(self) -> list[Tensor]:
-        """Every tile's predicted labels (1, Q, K), in row-major tile order, the tiles
-        shared out among as many threads as torch uses, each thread scoring whole tiles
-        with torch single-threaded meanwhile.
-
-        A tile's work is a few dozen small steps, torch's and numba's in turn. Spread
-        over torch's threads a step at a time, each step paid to start and stop them,
-        and torch's threads, which spin a while after each step, took the cores from
-        the numba loop's helper thread: on 2 cores a ResNet-18 frame took 0.49-0.56 s
-        that way, 0.33-0.36 s with whole tiles per thread, the same results bit for bit
-        (each tile's are its own). torch (with OpenMP) keeps a thread count per thread,
-        which a new thread takes from the last one set: so the helpers, started while
-        the caller's is 1, keep 1 (as would a thread the caller's program starts
-        meanwhile)."""
+        """Every tile's predicted labels (T, Q, K), in row-major tile order, the tiles
+        shared out among torch's threads (:func:`_on_threads`)."""
         origins = [(y0, x0) for y0 in range(0, self.h, _TILE[0]) for x0 in range(0, self.w, _TILE[1])]
-        todo = iter(range(len(origins)))  # shared: taking the next tile is atomic under the GIL
-
-        def work(worker: int) -> None:
-            for i in todo:
-                self._shortlisted(i, *origins[i], worker)
-
-        threads = torch.get_num_threads()  # the calling thread's: torch keeps a count per thread
-        workers = min(threads, len(origins))
-        torch.set_num_threads(1)  # for this thread, and the helpers, which start with it
-        try:
-            helpers = [_helpers(workers - 1).submit(work, w) for w in range(1, workers)]
-            try:
-                work(0)
-            finally:
-                wait(helpers)
-            for helper in helpers:
-                helper.result()  # raises what the helper raised
-        finally:
-            torch.set_num_threads(threads)
+        _on_threads(lambda worker, i: self._shortlisted(i, *origins[i], worker), len(origins))
         return [self._weighted(*self.kept)]
+
+    def _code(self, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The frame's codes and bounds (:class:`_Coder`) for cells (h, w, C), a few rows
+        at a time on torch's threads (:func:`_on_threads`): torch ran the coder's float64
+        steps on about one thread anyway, 20 ms a ResNet-18 frame at 480p on 2 cores
+        (16 ms so). Each cell's codes are its own, whichever rows it is coded with."""
+        coder, rows = self.groups[0].coder, -(-self.h // (2 * torch.get_num_threads()))
+        parts: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * -(-self.h // rows)
+
+        def code(_: int, i: int) -> None:
+            parts[i] = coder(cells[i * rows:(i + 1) * rows])
+
+        _on_threads(code, len(parts))
+        return tuple(torch.cat(part) for part in zip(*parts))
 
     def _code_queries(self, q: Tensor, coded: tuple[Tensor, Tensor, Tensor]) -> None:
         """From queries (h, w, C) and their codes and bounds (:class:`_Coder`), the
