@@ -683,7 +683,8 @@ class _Propagator:
         """The frame's codes and bounds (:class:`_Coder`) for cells (h, w, C), a few rows
         at a time on torch's threads (:func:`_on_threads`): torch ran the coder's float64
         steps on about one thread anyway, 20 ms a ResNet-18 frame at 480p on 2 cores
-        (16 ms so). Each cell's codes are its own, whichever rows it is coded with."""
+        (16 ms so). A cell's codes and bounds come from its features alone, so the rows
+        can be coded apart, and each bound holds for the codes it comes with."""
         coder, rows = self.groups[0].coder, -(-self.h // (2 * torch.get_num_threads()))
         parts: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * -(-self.h // rows)
 
