@@ -453,9 +453,9 @@ class _Context:
                         pieces.append((band, rows_hit[0], rows_hit[-1] + 1, q0, q1))
             self.pieces = np.array(pieces, dtype=np.int64)
             queries = runs.shape[2]  # a tile's
-            part = queries if radius is None else _PIECE * _TILE[1]  # W, see _scratch
+            part = queries if radius is None else _PIECE * _TILE[1]  # W, see buffers
             self.scores_shape = (queries // part,) + runs.shape[:2] + (slots, _RUN, part)
-            self.scratch: dict[int, tuple[Tensor, np.ndarray]] = {}  # per worker thread (see _scratch)
+            self.scratch: dict[int, tuple[Tensor, np.ndarray]] = {}  # per worker thread (see buffers)
             self.held: dict[tuple[int, int, int], np.ndarray] = {}  # per tile (see tile_pieces)
 
     def write(self, slot: int, keys: Tensor, labels: Tensor,
@@ -488,7 +488,7 @@ class _Context:
         """Where the tile whose top-left cell is (y0, x0) meets the buffers: the block's top-left."""
         return (0, 0) if self.r is None else (y0, x0)
 
-    def _scratch(self, worker: int) -> tuple[Tensor, np.ndarray]:
+    def buffers(self, worker: int) -> tuple[Tensor, np.ndarray]:
         """Worker thread ``worker``'s bfloat16 scores of a tile's block, (Q / W, B / _RUN,
         R, S, _RUN, W), whose pairs out of every piece's reach are never computed and stay
         -inf, and its runs' maxima (B / _RUN * R * S, Q), float32, -inf where no piece
@@ -509,7 +509,7 @@ class _Context:
         of reach, for the first ``live`` queries only (a multiple of the pieces'
         queries); the worker's next tile overwrites them."""
         top, left = self._block(y0, x0)
-        (rows, cols), scores = self.span, self._scratch(worker)[0]
+        (rows, cols), scores = self.span, self.buffers(worker)[0]
         block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, S, _RUN, C')
         part = scores.shape[-1]  # W
         if self.r is None:  # the whole buffer: contiguous
@@ -766,7 +766,7 @@ class _Propagator:
         values, labels = (x[tile].numpy() for x in self.kept)
         return kernels.shortlist(*self.grid, y0, x0, _TILE, live, self.cfg.top_k, self.cfg.temperature, _U, _SLACK,
                                  _SLABS, *map(tuple, arrays), tuple(g.tile_pieces(y0, x0, live) for g in groups),
-                                 tuple(scores), tuple(g._scratch(worker)[1] for g in groups), geometry, values, labels)
+                                 tuple(scores), tuple(g.buffers(worker)[1] for g in groups), geometry, values, labels)
 
     def _scored(self, q: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
         """The kept values (T, Q, M) and their labels (T, Q, M, K) for the queries (T, Q, C)
