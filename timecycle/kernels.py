@@ -245,12 +245,12 @@ def shortlist(queries, weights, terms, past, y0, x0, tile, live, k, temperature,
         for c in range(3):
             w[c, i] = weights[y, x, c] * grow
             theta_terms[c, i] = terms[c, y, x]
-    # Each group's runs in slabs: the best runs of 2k slab rows are 2k distinct runs.
     total = 0
     for g in range(groups):
         run, rows, cols, slots, top, left, width = geometry[g]
         run_maxima(approximate[g].view(np.int16), pieces[g], run_reach[g], run, rows, slots, best[g])
         total += len(best[g]) // slabs
+    # Each group's runs in slabs: the best runs of 2k slab rows are 2k distinct runs.
     maxima = np.empty((total, n), np.float32)
     start = 0
     for g in range(groups):
