@@ -294,8 +294,9 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     theta = np.array([0.5, math.inf, -3.0], dtype=np.float32)
     errors, weights = np.zeros((4, 3), np.float32), np.zeros((3, 3), np.float32)
     values, keys = np.full((3, 2), -math.inf), np.zeros((3, 2), np.int64)
-    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 3), np.float32), run_best, errors[:2], errors,
-                            weights, theta, 2, 1, 4, 1, 0, 0, 4, values, keys, np.zeros((3, 3)), 0.0, 0.0)
+    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 3), np.float32), run_best,
+                            errors[:2].reshape(2, 1, 1, 3), errors, weights, theta, 2, 1, 4, 1, 0, 0, 4, values, keys,
+                            np.zeros((3, 3)), 0.0, 0.0)
     # Query 0: key 0 (bound 1 >= 0.5) only; key 1's bound 0 < 0.5, run 1 is out of reach.
     # Query 2: every key, scores 1, 1, 2 and -inf; keys 0 and 1 tie, and 0 came first.
     assert scored == 1 + 0 + 4
@@ -334,8 +335,9 @@ def test_select_raises_the_threshold_with_the_kth_best_score():
     errors, weights = np.zeros((3, 3), np.float32), np.zeros((3, 1), np.float32)
     values, keys = np.full((1, 1), -math.inf), np.zeros((1, 1), np.int64)
     terms = np.array([[0.1], [0.0], [0.2]])
-    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 1), np.float32), run_best, errors[:1], errors,
-                            weights, theta, 3, 1, 3, 1, 0, 0, 3, values, keys, terms, 0.0, 0.0)
+    scored = kernels.select(q, feats, absent, approx, np.zeros((0, 1), np.float32), run_best,
+                            errors[:1].reshape(1, 1, 1, 3), errors, weights, theta, 3, 1, 3, 1, 0, 0, 3, values, keys,
+                            terms, 0.0, 0.0)
     assert scored == 2 and values[0, 0] == 1.0 and keys[0, 0] == 2
     assert theta[0] == np.float32(1.0 - 0.2 - 0.1)
 
@@ -344,19 +346,25 @@ def test_select_bounds_a_run_by_its_best_score_plus_its_weighted_errors():
     """One query, one run of one key whose best approximate score, 0.5, falls short of
     theta = 1: the run's errors (0.25, 0.5, 1) weighted by (1, 0.25, 0.125) lift its
     bound to 0.5 + 0.25 + 0.125 + 0.125 = 1, which reaches theta, and the key is scored;
-    with the last weight halved the bound falls short and nothing is."""
+    with the last weight halved the bound falls short and nothing is. The block is cell
+    (1, 1) of 2 x 2 buffers, whose other runs' errors are 0: the run's are read where
+    the block lies."""
     kernels = importlib.import_module("timecycle.kernels")
     approx = torch.tensor([[[0.5]]]).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    errors = np.array([[0.25, 0.5, 1.0]], np.float32)
+    run_errors = np.zeros((2, 2, 1, 3), np.float32)  # (buffer columns, buffer rows, slots, 3)
+    run_errors[1, 1, 0] = 0.25, 0.5, 1.0
+    key_errors = run_errors.transpose(1, 0, 2, 3).reshape(4, 3).copy()  # the one key's are its run's
+    feats = np.zeros((4, 1), np.float32)
+    feats[3] = 3.0  # the key at (1, 1)
     for last, expected in [(0.125, 1), (0.0625, 0)]:
         weights = np.array([[1.0], [0.25], [last]], np.float32)
         values, keys = np.full((1, 1), -math.inf), np.zeros((1, 1), np.int64)
-        scored = kernels.select(np.ones((1, 1)), np.full((1, 1), 3.0, np.float32), np.zeros(1, np.float32), approx,
-                                np.zeros((0, 1), np.float32), np.array([[0.5]], np.float32), errors, errors,
-                                weights, np.array([1.0], np.float32), 1, 1, 1, 1, 0, 0, 1, values, keys,
+        scored = kernels.select(np.ones((1, 1)), feats, np.zeros(4, np.float32), approx,
+                                np.zeros((0, 1), np.float32), np.array([[0.5]], np.float32), run_errors, key_errors,
+                                weights, np.array([1.0], np.float32), 1, 1, 1, 1, 1, 1, 2, values, keys,
                                 np.zeros((3, 1)), 0.0, 0.0)
         assert scored == expected
-        assert values[0, 0] == (3.0 if expected else -math.inf)
+        assert values[0, 0] == (3.0 if expected else -math.inf) and keys[0, 0] == (3 if expected else 0)
 
 
 def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
@@ -505,7 +513,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
         assert torch.equal(torch.from_numpy(best).view(want.shape), want)
         first = engine.groups[0]
         first_scores = first.approximate(codes, y0, x0, worker, len(codes))
-        first_best = np.zeros((first_scores.shape[1] // _RUN, len(codes)), np.float32)
+        first_best = np.full((first_scores.shape[1] // _RUN, len(codes)), np.nan, np.float32)  # all written
         kernels.run_maxima(first_scores.view(torch.int16).numpy(), first.tile_pieces(y0, x0, len(codes)),
                            first.run_reach.numpy(), _RUN, *first.span[:1], 1, first_best)
         assert torch.equal(torch.from_numpy(first_best), first_scores.float().view(len(first_best), _RUN, -1).amax(1))

@@ -151,7 +151,8 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
     whose buffers, block and bounds these are; a run is ``run`` neighbouring keys;
     ``approximate`` as :func:`seed`'s).
     A run's upper bound is its best approximate score, ``run_best`` (runs, Q), plus its
-    keys' largest errors, ``run_errors`` (runs, 3), weighted as a key's are.
+    keys' largest errors, weighted as a key's are: ``run_errors`` (buffer columns / run,
+    buffer rows, S, 3) holds every run's of the buffers, read where the block lies.
 
     About 1 run in 100 reaches a query's threshold and a key stays for a few of a
     tile's queries only, so scoring what stays as matrices, or taking the flagged pairs
@@ -174,7 +175,8 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
     queries = np.uint64(values.shape[0])  # unsigned, so no index wraps around: the count vectorises, 10x faster
     bounds = np.empty(values.shape[0], np.float32)
     for r in range(run_best.shape[0]):  # runs are ordered (band, row, slot), their keys innermost
-        best, e = run_best[r], run_errors[r]
+        band, row, slot = r // (rows * slots), r // slots % rows, r % slots
+        best, e = run_best[r], run_errors[left // run + band, top + row, slot]
         flagged = 0
         for i in range(queries):  # most runs reach no query's threshold
             bounds[i] = best[i] + (e[0] * weights[0, i] + e[1] * weights[1, i] + e[2] * weights[2, i])
@@ -186,7 +188,6 @@ def select(q, feats, absent, approximate, reach, run_best, run_errors, key_error
             if bounds[i] >= theta[i]:
                 reached[n] = i
                 n += 1
-        band, row, slot = r // (rows * slots), r // slots % rows, r % slots
         for j in range(run):
             col = band * run + j
             key = ((top + row) * width + left + col) * slots + slot
@@ -301,13 +302,8 @@ def shortlist(queries, weights, terms, past, y0, x0, tile, live, k, temperature,
     scored = 0
     for g in range(groups):
         run, rows, cols, slots, top, left, width = geometry[g]
-        block = run_errors[g][left // run:(left + cols) // run, top:top + rows]  # (B / run, R, S, 3)
-        errors = np.empty((block.shape[0] * rows * slots, 3), np.float32)  # as the runs are ordered
-        for r in range(len(errors)):
-            for c in range(3):
-                errors[r, c] = block[r // (rows * slots), r // slots % rows, r % slots, c]
-        scored += select(q, feats[g], absent[g], approximate[g], reach[g], best[g], errors, key_errors[g], w, theta,
-                         run, rows, cols, slots, top, left, width, found[g], keys[g], theta_terms, u, slack)
+        scored += select(q, feats[g], absent[g], approximate[g], reach[g], best[g], run_errors[g], key_errors[g], w,
+                         theta, run, rows, cols, slots, top, left, width, found[g], keys[g], theta_terms, u, slack)
     # The groups' k best, merged: the first group's first of equals.
     at = np.zeros(groups, np.int64)
     for i in range(n):
