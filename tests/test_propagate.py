@@ -428,8 +428,9 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     engine._code_queries(cells, coder(cells))
     group = engine.groups[0]
     c = coder.centre.double()
-    for y0, x0 in [(0, 0), (0, 16)]:
-        tile = (slice(y0, y0 + 16), slice(x0, x0 + 8))
+    th, tw = engine.tile
+    for y0, x0 in [(0, 0), (8, 16)]:
+        tile = (slice(y0, y0 + th), slice(x0, x0 + tw))
         codes = engine.codes[tile].flatten(0, 1)
         approximate = group.approximate(codes, y0, x0, 0, len(codes))[0].double()  # (N, Q), by band, run-innermost
         rows, cols, slots = group.feats.shape[:3]
@@ -472,27 +473,43 @@ def test_a_code_bounds_what_it_leaves_out():
     assert torch.all(size >= coords.norm(dim=-1)) and torch.all(size >= code.double().norm(dim=-1))
 
 
+@pytest.mark.parametrize("piece", [None, 2], ids=["tile-a-piece", "pieces-of-2-rows"])
 @pytest.mark.parametrize("shape", ["circle", "square"])
-def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
-    """A tile's queries are scored a few rows at a time, against the key rows within
-    their reach only, and only where the block holds keys of the grid: every (key,
-    query) pair within reach of a key of the grid gets the score a matmul of the whole
-    block gives, and the pairs skipped, over a third here, stay -inf. Each run's best is
-    the maximum of its keys' scores, -inf where none is within reach or the run lies in
-    the buffers' padding, in the ring and in the first frame's dense group alike."""
+def test_the_bfloat16_pass_scores_every_pair_within_reach(monkeypatch, shape, piece):
+    """A tile's queries are scored a piece (a few of its rows) at a time, against the
+    key rows of each band that some query of the piece reaches, and only where the
+    block holds keys of the grid: every (key, query) pair within reach of a key of the
+    grid gets the score a matmul of the whole block gives, and exactly the pairs of
+    those rows are computed, the others stay -inf: a disk's corners, and a small
+    piece's, leave rows out. With the whole tile as one piece, as the engine runs, and
+    in pieces of 2 rows. Each run's best is the maximum of its keys' scores, -inf where
+    none is within reach or the run lies in the buffers' padding, in the ring and in
+    the first frame's dense group alike."""
     kernels = importlib.import_module("timecycle.kernels")
+    if piece is not None:
+        monkeypatch.setattr(propagate_module, "_PIECE", piece)
     feats = low_rank_features(3, 256, 40, 24, seed=3)
     cfg = dataclasses.replace(preset("crw"), context=2, radius=5.0, radius_shape=shape)
     engine = _Propagator(feats[0], torch.rand(2, 40, 24), cfg)
+    th, tw = engine.tile
     engine.step(feats[1])
     cells = feats[2].permute(1, 2, 0).contiguous()
     engine._code_queries(cells, engine.groups[0].coder(cells))
     ring = engine.groups[1]
     (rows, cols), slots, margin = ring.span, ring.slots, ring.margin
     reach = (ring.reach.view(rows, cols // _RUN, _RUN, -1) == 0).permute(1, 0, 2, 3)  # (B / _RUN, R, _RUN, Q)
+    # Per piece of queries and band, the rows from the first to the last that some query reaches.
+    width = propagate_module._PIECE * tw
+    scored = torch.zeros(reach.shape[:2] + reach.shape[3:], dtype=torch.bool)  # (B / _RUN, R, Q)
+    for q0 in range(0, th * tw, width):
+        for band, hit in enumerate(reach[:, :, :, q0:q0 + width].any(3).any(2)):
+            reached = hit.nonzero().flatten()
+            scored[band, reached.min():reached.max() + 1, q0:q0 + width] = True
+    assert width < th * tw or piece is None
+    assert not scored.all() or (shape == "square" and piece is None)  # a square's tile reaches every row
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
     for worker, (y0, x0) in enumerate([(0, 0), (16, 8)]):  # a fresh worker's scores: -inf wherever not computed
-        codes = engine.codes[y0:y0 + 16, x0:x0 + 8].flatten(0, 1)
+        codes = engine.codes[y0:y0 + th, x0:x0 + tw].flatten(0, 1)
         scores = ring.approximate(codes, y0, x0, worker, len(codes))  # (Q / W, keys, W)
         best = np.full((scores.shape[1] // _RUN, len(codes)), -np.inf, np.float32)  # as a worker's buffer
         pieces = ring.tile_pieces(y0, x0, len(codes))
@@ -507,7 +524,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
         block = ring.codes[x0 // _RUN:(x0 + cols) // _RUN, y0:y0 + rows]  # (B / _RUN, R, S, _RUN, C')
         whole = (block.float() @ codes.float().T)  # exact products of the bfloat16 codes, summed in float32
         torch.testing.assert_close(scores[reach & held], whole[reach & held], rtol=2.0 ** -8, atol=1e-6)
-        assert scores.isfinite().float().mean() < 0.65 and not scores[~held.expand_as(scores)].isfinite().any()
+        assert torch.equal(scores.isfinite(), (scored[:, :, None, None] & held).expand_as(scores))
         in_reach = reach.any(3) & held[..., 0, :]  # (B / _RUN, R, S, Q): some key of the run is, in the grid
         want = scores.amax(3).masked_fill(~in_reach, -math.inf)
         assert torch.equal(torch.from_numpy(best).view(want.shape), want)
@@ -520,25 +537,27 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(shape):
 
 
 def test_a_tile_at_the_grids_edge_skips_the_padding_and_the_rows_past_it():
-    """The rows each piece scores, by hand, on a 20 x 27 grid at radius 8 (tiles of 16 x
-    8 queries, pieces of 4 tile rows, bands of 8 columns): the ring's buffers have 8
-    cells of padding each side, and a block is 32 rows by 3 bands. The block of the
-    tile at (16, 24) is grid rows 8..39 and columns 16..39: its rows past block row 11
-    hold no grid row and its last band no grid column (0..26), and only its first piece
-    row's queries (grid rows 16..19) are live. The top-left tile's block is grid rows
-    -8..23 and columns -8..15: its first 8 rows and its first band are padding."""
+    """The rows each piece scores, by hand, on a 20 x 27 grid at radius 8 (tiles of 8 x 8
+    queries, each one piece, bands of 8 columns): the ring's buffers have 8 cells of
+    padding each side, and a block is 24 rows by 3 bands. The block of the tile at (16,
+    24) is grid rows 8..31 and columns 16..39: its rows past block row 11 hold no grid
+    row and its last band no grid column (0..26), and only its first 4 rows of queries
+    (grid rows 16..19, 32 queries) are live, to which its pieces are cut. The top-left
+    tile's block is grid rows -8..15 and columns -8..15: its first 8 rows and its first
+    band are padding."""
     feats = random_features(1, 8, 20, 27)
     cfg = dataclasses.replace(preset("crw"), context=2, radius=8.0)
-    ring = _Propagator(feats[0], torch.rand(2, 20, 27), cfg).groups[1]
-    assert ring.span == (32, 24) and ring.margin == 8
+    engine = _Propagator(feats[0], torch.rand(2, 20, 27), cfg)
+    ring = engine.groups[1]
+    assert engine.tile == (8, 8) and ring.span == (24, 24) and ring.margin == 8
     corner = ring.tile_pieces(16, 24, 32)
-    assert corner[:, 3].max() == 0 and len(corner) == 3  # one piece row, three bands
+    assert len(corner) == 3 and (corner[:, 3] == 0).all() and (corner[:, 4] == 32).all()  # three bands, cut
     for band, lo, hi, q0, q1, held, end in corner.tolist():
         assert lo < hi and (end - held) == (min(hi, 12) - max(lo, 0) if band < 2 else 0), band
-    top_left = ring.tile_pieces(0, 0, 128)
-    assert len(top_left) == len(ring.pieces) == 12
+    top_left = ring.tile_pieces(0, 0, 64)
+    assert len(top_left) == len(ring.pieces) == 3 and (top_left[:, 4] == 64).all()
     for band, lo, hi, q0, q1, held, end in top_left.tolist():
-        assert (end - held) == (min(hi, 28) - max(lo, 8) if band > 0 else 0), band
+        assert (end - held) == (hi - max(lo, 8) if band > 0 else 0), band
         assert held >= 8 or held == end
 
 

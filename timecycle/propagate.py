@@ -208,10 +208,19 @@ def resolve_config(
 
 # ----------------------------------------------------------------------------- the engine
 
-_TILE = (16, 8)  # query cells per tile, (rows, columns): big enough for efficient matmuls, small enough to waste little
+# Query cells per tile, (rows, columns), on the float32 path: big enough for efficient
+# matmuls, small enough to waste little (in (8, 8) tiles, where a query meets more of
+# the block's keys, CRW's full ring took 25% more time on the CPU).
+_TILE = (16, 8)
+# The bfloat16 shortlist's tiles are smaller: a tile's bfloat16 scores, written by its
+# matmuls and read back by each later step, take 2.6 MB for CRW's ring against 6.5 in
+# (16, 8) tiles. On cached ResNet-18 features at 480p on 2 cores, a frame took 7% less
+# time (median of 5 runs, outputs equal bit for bit), though a query meets more keys;
+# (8, 16) and (12, 8) tiles gained 3-5%, (16, 16) and (32, 8) none.
+_SHORTLIST_TILE = (8, 8)
 _RUN = 8  # keys per run: neighbouring cells of one row of one context frame, the unit of the shortlist
 _SLABS = 8  # slabs of runs whose elementwise maxima pick, cheaply, distinct runs that score well to seed from
-_PIECE = 4  # tile rows whose queries a matmul of the bfloat16 pass takes, against the key rows in their reach
+_PIECE = 8  # tile rows whose queries a matmul of the bfloat16 pass takes, against the key rows in their reach
 _ABSENT = -1e4  # the approximate score of a key that is not there, far below any cosine
 _U_BF16, _U_F32, _U_F64 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -53  # unit roundoffs: 8, 24 and 53 significant bits
 _U = _U_BF16 / (1 - 2 * _U_BF16)  # y - _U |y| is at most the A solving A + _U_BF16 |A| / (1 - _U_BF16) = y
@@ -387,8 +396,10 @@ class _Context:
     together, so that their scores are neighbouring rows of a block's scores.
     """
 
-    def __init__(self, slots: int, grid: tuple[int, int], tiles: tuple[int, int], channels: int, classes: int,
-                 radius: float | None, cfg: PropagationConfig, coder: _Coder | None, device: torch.device):
+    def __init__(self, slots: int, grid: tuple[int, int], tile: tuple[int, int], tiles: tuple[int, int],
+                 channels: int, classes: int, radius: float | None, cfg: PropagationConfig, coder: _Coder | None,
+                 device: torch.device):
+        """``tile``: a tile's query cells (rows, columns); ``tiles``: how many tiles cover the grid."""
         self.h, self.w = grid
         self.slots, self.filled = slots, 0  # slots are filled in order, so the filled ones are a prefix
         self.coder = coder  # None: no shortlist
@@ -398,8 +409,8 @@ class _Context:
             rows, cols = self.span
         else:
             self.r = self.margin = r = int(math.floor(radius))
-            self.span = (_TILE[0] + 2 * r, _RUN * -(-(_TILE[1] + 2 * r) // _RUN))
-            rows, cols = tiles[0] * _TILE[0] + 2 * r, (tiles[1] - 1) * _TILE[1] + self.span[1]
+            self.span = (tile[0] + 2 * r, _RUN * -(-(tile[1] + 2 * r) // _RUN))
+            rows, cols = tiles[0] * tile[0] + 2 * r, (tiles[1] - 1) * tile[1] + self.span[1]
         self.feats = torch.zeros(rows, cols, slots, channels, device=device)
         self.labs = torch.zeros(rows, cols, slots, classes, device=device)
         self.absent = torch.full((rows, cols, slots), -math.inf, device=device)  # 0 where a key is
@@ -421,7 +432,7 @@ class _Context:
         if radius is not None:
             # Whether key (a, b) of the block is within the radius of the tile's query
             # (u, v): a 0 / -inf bias (R * B, Q).
-            u, v = (torch.arange(n, device=device) for n in _TILE)
+            u, v = (torch.arange(n, device=device) for n in tile)
             dy = (torch.arange(self.span[0], device=device)[:, None] - r - u).float()[:, None, :, None]
             dx = (torch.arange(self.span[1], device=device)[:, None] - r - v).float()[None, :, None, :]
             if cfg.radius_shape == "circle":
@@ -432,28 +443,29 @@ class _Context:
             self.reach = torch.zeros(reach.shape, device=device).masked_fill_(~reach, -math.inf).flatten(0, 1)
             runs = reach.unflatten(1, (-1, _RUN)).transpose(0, 1).any(2)  # (B / _RUN, R, Q), as the runs are ordered
         else:
-            runs = torch.ones(self.span[1] // _RUN, self.span[0], _TILE[0] * _TILE[1], dtype=torch.bool, device=device)
+            runs = torch.ones(self.span[1] // _RUN, self.span[0], tile[0] * tile[1], dtype=torch.bool, device=device)
         if coder is not None:
             # Per run, a 0 / -inf bias for whether any of its keys is within reach of the
             # query, (B / _RUN * R, Q); none where every key is.
             self.run_reach = (torch.zeros(runs.shape, device=device).masked_fill_(~runs, -math.inf).flatten(0, 1)
                               if radius is not None else torch.zeros(0, runs.shape[2], device=device))
-            # A query meets a disk of its tile's block, a third of it: so the bfloat16
-            # pass scores the queries of _PIECE tile rows at a time, each band against
-            # the rows of keys within their reach only, which saves a third of the
-            # products for matmuls a quarter as wide, 15% faster. The scores of the
-            # other pairs are never computed and stay -inf. (A dense group's block is
-            # one matmul, but its runs' maxima go piece by piece too.)
+            # A query meets a disk of its tile's block: so the bfloat16 pass scores the
+            # queries of _PIECE tile rows at a time (a piece), each band against the rows
+            # of keys within their reach only; the scores of the other pairs are never
+            # computed and stay -inf. In (16, 8) tiles, pieces of 4 rows saved a third of
+            # the products, 15% faster; (8, 8) tiles ran no slower in one piece than in
+            # two, in fewer and wider matmuls. (A dense group's block is one matmul, but
+            # its runs' maxima go piece by piece too.)
             pieces = []  # (band, first row, last row + 1, first query, last query + 1)
-            for q0 in range(0, runs.shape[2], _PIECE * _TILE[1]):
-                q1 = q0 + _PIECE * _TILE[1]
+            for q0 in range(0, runs.shape[2], _PIECE * tile[1]):
+                q1 = q0 + _PIECE * tile[1]
                 for band, hit in enumerate(runs[:, :, q0:q1].any(2)):
                     rows_hit = hit.nonzero().flatten().tolist()  # a disk's rows: contiguous
                     if rows_hit:
                         pieces.append((band, rows_hit[0], rows_hit[-1] + 1, q0, q1))
             self.pieces = np.array(pieces, dtype=np.int64)
             queries = runs.shape[2]  # a tile's
-            part = queries if radius is None else _PIECE * _TILE[1]  # W, see buffers
+            part = queries if radius is None else _PIECE * tile[1]  # W, see buffers
             self.scores_shape = (queries // part,) + runs.shape[:2] + (slots, _RUN, part)
             self.scratch: dict[int, tuple[Tensor, np.ndarray]] = {}  # per worker thread (see buffers)
             self.held: dict[tuple[int, int, int], np.ndarray] = {}  # per tile (see tile_pieces)
@@ -506,8 +518,8 @@ class _Context:
     def approximate(self, codes: Tensor, y0: int, x0: int, worker: int, live: int) -> Tensor:
         """Approximate scores (Q / W, B / _RUN * R * S * _RUN, W) of the block's keys for
         queries coded (Q, C'), in the order the codes are stored, -inf for some pairs out
-        of reach, for the first ``live`` queries only (a multiple of the pieces'
-        queries); the worker's next tile overwrites them."""
+        of reach, for the first ``live`` queries only (the tile's rows in the grid); the
+        worker's next tile overwrites them."""
         top, left = self._block(y0, x0)
         (rows, cols), scores = self.span, self.buffers(worker)[0]
         block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, S, _RUN, C')
@@ -518,19 +530,20 @@ class _Context:
             for band, _, _, q0, q1, lo, hi in self.tile_pieces(y0, x0, live).tolist():
                 if lo < hi:
                     torch.mm(block[band, lo:hi].view(-1, block.shape[-1]), codes[q0:q1].T,
-                             out=scores[q0 // part, band, lo:hi].view(-1, q1 - q0))
+                             out=scores[q0 // part, band, lo:hi].view(-1, part)[:, :q1 - q0])
         return scores.view(len(scores), -1, part)
 
     def tile_pieces(self, y0: int, x0: int, live: int) -> np.ndarray:
-        """The pieces of the tile at (y0, x0) whose queries are among its first ``live``,
-        each with the rows of its band that hold keys of the grid, (first, last + 1):
+        """The pieces of the tile at (y0, x0), cut to its first ``live`` queries, each
+        with the rows of its band that hold keys of the grid, (first, last + 1):
         a block at the grid's edge reaches into the buffers' padding, where the bfloat16
         pass skips a fifth of the ring's products at 480p (a left-edge tile's first band,
         a right-edge tile's last two, a top or bottom tile's outer rows)."""
         key = y0, x0, live
         if key not in self.held:
             top, left = self._block(y0, x0)
-            pieces = self.pieces[self.pieces[:, 3] < live]  # (P, 5)
+            pieces = self.pieces[self.pieces[:, 3] < live]  # (P, 5), a copy
+            pieces[:, 4] = np.minimum(pieces[:, 4], live)
             held = np.clip(self.margin - top, pieces[:, 1], pieces[:, 2])
             end = np.clip(self.margin + self.h - top, held, pieces[:, 2])
             first = left + _RUN * pieces[:, 0]  # the band's first column in the buffers
@@ -602,9 +615,10 @@ class _Propagator:
         self.classes = first_labels.shape[0]
         self.device = device = first.device
         first = first.float()
-        self.tiles = (-(-self.h // _TILE[0]), -(-self.w // _TILE[1]))
-        self.queries = torch.zeros(self.tiles[0] * _TILE[0], self.tiles[1] * _TILE[1], self.channels, device=device)
         self.shortlist = _shortlists(cfg, device)
+        self.tile = tile = _SHORTLIST_TILE if self.shortlist else _TILE
+        self.tiles = (-(-self.h // tile[0]), -(-self.w // tile[1]))
+        self.queries = torch.zeros(self.tiles[0] * tile[0], self.tiles[1] * tile[1], self.channels, device=device)
         coder = _Coder(first.permute(1, 2, 0)) if self.shortlist else None
         if self.shortlist:
             self.codes = torch.zeros(*self.queries.shape[:2], _code_width(coder.dims), dtype=torch.bfloat16,
@@ -616,12 +630,12 @@ class _Propagator:
             # What kernels.shortlist reads of every tile, and where it puts each tile's
             # kept values (T, Q, k) and their labels (T, Q, k, K).
             self.grid = tuple(x.numpy() for x in (self.queries, self.weights, self.bounds, self.past))
-            tiles = self.tiles[0] * self.tiles[1], _TILE[0] * _TILE[1], cfg.top_k
+            tiles = self.tiles[0] * self.tiles[1], tile[0] * tile[1], cfg.top_k
             self.kept = torch.empty(tiles, dtype=torch.float64), torch.empty(*tiles, self.classes)
 
         # The first frame sits in slot 0 of its group; the previous frames cycle through
         # the ring of ``cfg.context`` slots after it, or from slot 0 of a group of their own.
-        n, dims = cfg.context, ((self.h, self.w), self.tiles, self.channels, self.classes)
+        n, dims = cfg.context, ((self.h, self.w), tile, self.tiles, self.channels, self.classes)
         if cfg.radius is None or cfg.radius_on_first:
             first_group = ring = _Context(1 + n, *dims, cfg.radius, cfg, coder, device)
         else:
@@ -634,9 +648,9 @@ class _Propagator:
         self.seen = 0  # frames predicted so far
         # Tiles scored together on the float32 path: a GPU runs a tile's few dozen small
         # kernels launch-bound, so it takes as many tiles as _BATCH_BYTES allows.
-        tile_bytes = sum(g.tile_bytes(_TILE[0] * _TILE[1]) for g in self.groups)
+        tile_bytes = sum(g.tile_bytes(tile[0] * tile[1]) for g in self.groups)
         self.batch = max(1, _BATCH_BYTES["cpu" if device.type == "cpu" else "accelerator"] // tile_bytes)
-        origins = torch.meshgrid(torch.arange(self.tiles[0]) * _TILE[0], torch.arange(self.tiles[1]) * _TILE[1],
+        origins = torch.meshgrid(torch.arange(self.tiles[0]) * tile[0], torch.arange(self.tiles[1]) * tile[1],
                                  indexing="ij")
         self.origins = torch.stack(origins, -1).view(-1, 2).to(device)  # (T, 2), the tiles' top-left cells
 
@@ -650,18 +664,18 @@ class _Propagator:
         cells = feat.to(self.device, torch.float32).permute(1, 2, 0).contiguous()  # (h, w, C)
         self.queries[:self.h, :self.w] = cells
         # A frame's codes as queries and as keys are the same: both centred on the first frame's mean.
-        coded, (th, tw) = None, self.tiles
+        coded, (th, tw), tile = None, self.tiles, self.tile
         if self.shortlist:
             coded = self._code(cells)
             self._code_queries(cells, coded)
             preds = self._shortlist_tiles()
         else:
-            queries = self.queries.view(th, _TILE[0], tw, _TILE[1], -1).transpose(1, 2)
+            queries = self.queries.view(th, tile[0], tw, tile[1], -1).transpose(1, 2)
             queries = queries.reshape(th * tw, -1, self.channels)  # (T, Q, C), tile by tile
             preds = [self._weighted(*self._scored(queries[i:i + self.batch], self.origins[i:i + self.batch]))
                      for i in range(0, len(queries), self.batch)]
-        out = torch.cat(preds).view(th, tw, *_TILE, self.classes).transpose(1, 2)  # (th, TILE0, tw, TILE1, K)
-        out = out.reshape(th * _TILE[0], tw * _TILE[1], self.classes)[:self.h, :self.w]  # (h, w, K)
+        out = torch.cat(preds).view(th, tw, *tile, self.classes).transpose(1, 2)  # (th, tile0, tw, tile1, K)
+        out = out.reshape(th * tile[0], tw * tile[1], self.classes)[:self.h, :self.w]  # (h, w, K)
         pred = out.permute(2, 0, 1).contiguous()  # (K, h, w)
         if self.cfg.minmax:
             pred = minmax_normalize(pred)
@@ -675,7 +689,7 @@ class _Propagator:
     def _shortlist_tiles(self) -> list[Tensor]:
         """Every tile's predicted labels (T, Q, K), in row-major tile order, the tiles
         shared out among torch's threads (:func:`_on_threads`)."""
-        origins = [(y0, x0) for y0 in range(0, self.h, _TILE[0]) for x0 in range(0, self.w, _TILE[1])]
+        origins = [(y0, x0) for y0 in range(0, self.h, self.tile[0]) for x0 in range(0, self.w, self.tile[1])]
         _on_threads(lambda worker, i: self._shortlisted(i, *origins[i], worker), len(origins))
         return [self._weighted(*self.kept)]
 
@@ -754,17 +768,16 @@ class _Propagator:
         """
         from timecycle import kernels  # numba, imported where it runs: never on a GPU
 
-        codes = self.codes[y0:y0 + _TILE[0], x0:x0 + _TILE[1]].flatten(0, 1)  # (Q, C')
-        # A tile's last rows of queries may lie past the grid: the pieces they fill are skipped.
-        piece = _PIECE * _TILE[1]
-        live = min(-(-(self.h - y0) * _TILE[1] // piece) * piece, len(codes))
+        rows, cols = self.tile
+        codes = self.codes[y0:y0 + rows, x0:x0 + cols].flatten(0, 1)  # (Q, C')
+        live = min((self.h - y0) * cols, len(codes))  # a tile's last rows may lie past the grid: not scored
         groups = [g for g in self.groups if g.filled]
         scores = [g.approximate(codes, y0, x0, worker, live).view(torch.int16).numpy().view(np.uint16)
                   for g in groups]
         arrays = list(zip(*(g.arrays for g in groups)))
         geometry = np.array([g.geometry(y0, x0) for g in groups], dtype=np.int64)
         values, labels = (x[tile].numpy() for x in self.kept)
-        return kernels.shortlist(*self.grid, y0, x0, _TILE, live, self.cfg.top_k, self.cfg.temperature, _U, _SLACK,
+        return kernels.shortlist(*self.grid, y0, x0, self.tile, live, self.cfg.top_k, self.cfg.temperature, _U, _SLACK,
                                  _SLABS, *map(tuple, arrays), tuple(g.tile_pieces(y0, x0, live) for g in groups),
                                  tuple(scores), tuple(g.buffers(worker)[1] for g in groups), geometry, values, labels)
 
