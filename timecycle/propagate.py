@@ -537,8 +537,9 @@ class _Context:
         """The pieces of the tile at (y0, x0), cut to its first ``live`` queries, each
         with the rows of its band that hold keys of the grid, (first, last + 1):
         a block at the grid's edge reaches into the buffers' padding, where the bfloat16
-        pass skips a fifth of the ring's products at 480p (a left-edge tile's first band,
-        a right-edge tile's last two, a top or bottom tile's outer rows)."""
+        pass skips, with the queries past the grid's last row, a quarter of the ring's
+        products at 480p (a left-edge tile's first band, a right-edge tile's last two, a
+        top or bottom tile's outer rows)."""
         key = y0, x0, live
         if key not in self.held:
             top, left = self._block(y0, x0)
@@ -689,7 +690,7 @@ class _Propagator:
     def _shortlist_tiles(self) -> list[Tensor]:
         """Every tile's predicted labels (T, Q, K), in row-major tile order, the tiles
         shared out among torch's threads (:func:`_on_threads`)."""
-        origins = [(y0, x0) for y0 in range(0, self.h, self.tile[0]) for x0 in range(0, self.w, self.tile[1])]
+        origins = self.origins.tolist()
         _on_threads(lambda worker, i: self._shortlisted(i, *origins[i], worker), len(origins))
         return [self._weighted(*self.kept)]
 
