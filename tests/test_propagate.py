@@ -307,6 +307,27 @@ def test_select_keeps_the_best_of_what_the_bounds_let_through():
     np.testing.assert_array_equal(theta, [0.5, math.inf, 1.0])
 
 
+def test_a_first_frame_key_wins_a_tie_with_a_ring_key():
+    """Of two keys with equal scores, one in the first frame and one in the ring, the
+    first frame's is kept, though the ring's frames are searched first (their best
+    keys raise the threshold that rules out the first frame's)."""
+    e = torch.eye(8)
+    feats = torch.zeros(3, 8, 3, 4)
+    feats[0] = ((e[2] + e[3]) / math.sqrt(2))[:, None, None]  # frame 0: every cell (e2 + e3) / sqrt 2 ...
+    feats[0, :, 1, 1] = e[1]  # ... but A = (1, 1): e1, labelled 1
+    feats[1] = e[4][:, None, None]
+    feats[1, :, 1, 2] = e[2]  # frame 1, B = (1, 2): e2, whose best match in frame 0 is labelled 0
+    feats[2] = e[4][:, None, None]
+    feats[2, :, 1, 1] = (e[1] + e[2]) / math.sqrt(2)  # frame 2 at (1, 1): equal scores with A and with B
+    labels = torch.zeros(2, 3, 4)
+    labels[0] = 1
+    labels[:, 1, 1] = torch.tensor([0.0, 1.0])
+    cfg = dataclasses.replace(preset("crw"), context=1, top_k=1)
+    first, second = run(feats, labels, cfg)
+    assert first[0, 1, 2] == 1  # B took label 0, from frame 0's other cells
+    assert second[:, 1, 1].tolist() == [0, 1]  # A's label: the first frame's key was kept
+
+
 def test_the_threshold_by_hand():
     """y = v - (q . c + t) - e64 - e, theta = y - u |y| less slack (|theta| + 1), in
     float32; -inf for no k-th score becomes float32's lowest, and a query past the grid
