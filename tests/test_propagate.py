@@ -388,11 +388,22 @@ def test_select_bounds_a_run_by_its_best_score_plus_its_weighted_errors():
         assert values[0, 0] == (3.0 if expected else -math.inf) and keys[0, 0] == (3 if expected else 0)
 
 
-def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
-    """The compiled seeding on a hand-made block of 4 runs of 2 keys in 2 slabs (one row,
-    one slot): of a slab row's runs the one with the highest best is searched, the
-    first of two equal; in it the key with the best approximate score among those
-    there and within reach is scored exactly; a run with none, or row -1, leaves -inf."""
+def test_slab_maxima_by_hand():
+    """Of a slab row's runs the highest best is kept, with the first run that holds it
+    (of two equal, the earlier slab's); runs past the last whole slab are in none."""
+    kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
+    best = np.array([[1, 0], [0, 2], [5, 0], [0, 9], [99, 99]], dtype=np.float32)  # (runs, Q): slabs 0 | 1 of 2 rows
+    maxima, which = np.full((2, 2), np.nan, np.float32), np.full((2, 2), -9, np.int64)
+    kernels.slab_maxima(best, 2, maxima, which)
+    # Row 0: runs 0 and 2; row 1: runs 1 and 3; run 4 is in no slab.
+    np.testing.assert_array_equal(maxima, [[5, 0], [0, 9]])
+    np.testing.assert_array_equal(which, [[2, 0], [1, 3]])
+
+
+def test_seed_scores_the_best_key_of_a_chosen_run():
+    """The compiled seeding on a hand-made block of 4 runs of 2 keys (one row, one
+    slot): in a query's chosen run, the key with the best approximate score among those
+    there and within reach is scored exactly; a run with none, or run -1, leaves -inf."""
     kernels = importlib.import_module("timecycle.kernels")  # numba: only the CPU's tests need it
     q = np.array([[1.0, 2.0], [3.0, 1.0]])  # (Q, C)
     feats = np.arange(16, dtype=np.float32).reshape(8, 2)  # keys 0..7: runs (0, 1), (2, 3), (4, 5), (6, 7)
@@ -404,13 +415,11 @@ def test_seed_scores_the_best_key_of_the_best_run_of_a_slab_row():
     approx = approx.T[:, :, None].bfloat16().contiguous().view(torch.int16).numpy().view(np.uint16)  # by query
     reach = np.zeros((8, 2), np.float32)
     reach[[2, 3, 5], 0] = -math.inf  # out of query 0's reach: run 1 and key 5
-    best = np.array([[1, 0], [0, 2], [5, 0], [0, 9]], dtype=np.float32)  # (runs, Q); slab rows: runs 0 | 2, 1 | 3
-    rows = np.array([[0, -1], [1, 1]])  # (j, Q)
+    chosen = np.array([[2, -1], [1, 3]])  # (j, Q)
     values = np.full((2, 2), -math.inf)
-    kernels.seed(q, feats, absent, approx, reach, best, rows, 2, 2, 1, 8, 1, 0, 0, 8, values)
-    # Query 0, row 0: run 2 (5 > 1), whose key 5 is out of reach: key 4, (8, 9) . (1, 2) = 26.
-    # Query 0, row 1: runs 1 and 3 tie at 0, run 1 is searched and has no key within reach.
-    # Query 1, row 1: run 3 (9 > 2), whose key 6 is not there: key 7, (14, 15) . (3, 1) = 57.
+    kernels.seed(q, feats, absent, approx, reach, chosen, 2, 1, 8, 1, 0, 0, 8, values)
+    # Query 0, run 2: key 5 is out of reach, key 4: (8, 9) . (1, 2) = 26. Run 1: no key within reach.
+    # Query 1, run 3: key 6 is not there, key 7: (14, 15) . (3, 1) = 57.
     np.testing.assert_array_equal(values, [[26, -math.inf], [-math.inf, 57]])
 
 

@@ -23,26 +23,21 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @numba.njit(nogil=True, cache=True)
-def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows, cols, slots, top, left, width,
-         values):
-    """For query i and row ``slab_rows[j, i]`` (-1: none) of the block's runs in slabs of
-    ``slab`` runs, ``values[i, j]`` = the float64 score of the key with the best
-    approximate score among those within reach of the query and there, in the run of
-    that row with the highest ``best`` (runs, Q), if any. ``approximate`` (Q / W, keys,
-    W): the block's scores, bfloat16's bits, W queries at a time."""
+def seed(q, feats, absent, approximate, reach, chosen, run, rows, cols, slots, top, left, width, values):
+    """For query i and run ``chosen[j, i]`` (-1: none) of the block, ``values[i, j]`` =
+    the float64 score of the key with the best approximate score among those within
+    reach of the query and there, if any. ``approximate`` (Q / W, keys, W): the block's
+    scores, bfloat16's bits, W queries at a time."""
     bits = np.empty(1, np.uint32)
     approx = bits.view(np.float32)  # a bfloat16 score is the top half of a float32's bits
-    for i in range(slab_rows.shape[1]):
+    for i in range(chosen.shape[1]):
         scores = approximate[i // approximate.shape[2], :, i % approximate.shape[2]]  # the query's, (keys,)
-        for j in range(slab_rows.shape[0]):
-            r = slab_rows[j, i]
+        for j in range(chosen.shape[0]):
+            r = chosen[j, i]
             if r < 0:
                 continue
-            for s in range(r + slab, best.shape[0] // slab * slab, slab):  # the row's run in each later slab
-                if best[s, i] > best[r, i]:
-                    r = s
             band, row, slot = r // (rows * slots), r // slots % rows, r % slots
-            top_score, chosen = -np.inf, -1
+            top_score, key_chosen = -np.inf, -1
             for m in range(run):
                 col = band * run + m  # within the block
                 key = ((top + row) * width + left + col) * slots + slot  # in the buffers
@@ -50,9 +45,29 @@ def seed(q, feats, absent, approximate, reach, best, slab_rows, slab, run, rows,
                     continue
                 bits[0] = np.uint32(scores[r * run + m]) << 16
                 if approx[0] > top_score:
-                    top_score, chosen = approx[0], key
-            if chosen >= 0:
-                values[i, j] = dot(q[i], feats[chosen])
+                    top_score, key_chosen = approx[0], key
+            if key_chosen >= 0:
+                values[i, j] = dot(q[i], feats[key_chosen])
+
+
+@numba.njit(nogil=True, cache=True)
+def slab_maxima(best, slabs, maxima, which):
+    """For the runs' maxima ``best`` (runs, Q) in ``slabs`` slabs of m = runs // slabs
+    runs (the rest in none), ``maxima`` (m, n) and ``which`` (m, n) get, for each of the
+    first n queries and each slab row r, the highest of the slabs' r-th runs and the
+    first of those runs that holds it. Its slabs in one pass: the seeds then read the
+    run they search, where they scanned the slabs again at scattered places."""
+    m, n = maxima.shape
+    for r in range(m):
+        out, arg = maxima[r], which[r]
+        row = best[r]
+        for i in range(n):
+            out[i], arg[i] = row[i], r
+        for s in range(1, slabs):
+            row = best[s * m + r]
+            for i in range(n):
+                if row[i] > out[i]:
+                    out[i], arg[i] = row[i], s * m + r
 
 
 @numba.njit(nogil=True, fastmath={"nnan"}, cache=True)
@@ -253,18 +268,11 @@ def shortlist(queries, weights, terms, past, y0, x0, tile, live, k, temperature,
         total += len(best[g]) // slabs
     # Each group's runs in slabs: the best runs of 2k slab rows are 2k distinct runs.
     maxima = np.empty((total, n), np.float32)
+    which = np.empty((total, n), np.int64)  # the run of each group that holds a slab row's maximum
     start = 0
     for g in range(groups):
-        runs = best[g]
-        m = len(runs) // slabs
-        for r in range(m):
-            out = maxima[start + r]
-            for i in range(n):
-                out[i] = runs[r, i]
-            for s in range(1, slabs):
-                row = runs[s * m + r]
-                for i in range(n):
-                    out[i] = max(out[i], row[i])
+        m = len(best[g]) // slabs
+        slab_maxima(best[g], slabs, maxima[start:start + m], which[start:start + m])
         start += m
     rows_seen = np.full((min(2 * k, total), n), -1, np.int64)
     best_rows(maxima, rows_seen)
@@ -273,13 +281,13 @@ def shortlist(queries, weights, terms, past, y0, x0, tile, live, k, temperature,
     for g in range(groups):
         run, rows, cols, slots, top, left, width = geometry[g]
         m = len(best[g]) // slabs
-        mine = rows_seen - start  # the group's rows, -1 for the others
-        for j in range(mine.shape[0]):
+        chosen = np.full(rows_seen.shape, -1, np.int64)  # the group's runs, -1 for the others'
+        for j in range(chosen.shape[0]):
             for i in range(n):
-                if not 0 <= mine[j, i] < m:
-                    mine[j, i] = -1
-        seed(q, feats[g], absent[g], approximate[g], reach[g], best[g], mine, m, run, rows, cols, slots, top, left,
-             width, seeds)
+                if start <= rows_seen[j, i] < start + m:
+                    chosen[j, i] = which[rows_seen[j, i], i]
+        seed(q, feats[g], absent[g], approximate[g], reach[g], chosen, run, rows, cols, slots, top, left, width,
+             seeds)
         start += m
     kth = np.full(n, -np.inf)  # each query's k-th best seed
     if seeds.shape[1] >= k:
