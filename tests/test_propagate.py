@@ -423,6 +423,14 @@ def test_seed_scores_the_best_key_of_a_chosen_run():
     np.testing.assert_array_equal(values, [[26, -math.inf], [-math.inf, 57]])
 
 
+def approximate_scores(group, codes: torch.Tensor, y0: int, x0: int, worker: int) -> torch.Tensor:
+    """The bfloat16 pass of the tile at (y0, x0) for every one of its queries, ``codes``
+    (Q, C'), run as the engine runs it: its scores (Q / W, keys, W)."""
+    for keys, queries, out in group.products(codes, y0, x0, worker, len(codes)):
+        torch.mm(keys, queries, out=out)
+    return group.scores(worker)
+
+
 def low_rank_features(frames: int, channels: int, h: int, w: int, rank: int = 48, seed: int = 0,
                       relu: bool = False) -> torch.Tensor:
     """Unit features that vary mostly in ``rank`` directions, as a deep encoder's do, and
@@ -462,7 +470,7 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     for y0, x0 in [(0, 0), (8, 16)]:
         tile = (slice(y0, y0 + th), slice(x0, x0 + tw))
         codes = engine.codes[tile].flatten(0, 1)
-        approximate = group.approximate(codes, y0, x0, 0, len(codes))[0].double()  # (N, Q), by band, run-innermost
+        approximate = approximate_scores(group, codes, y0, x0, 0)[0].double()  # (N, Q), by band, run-innermost
         rows, cols, slots = group.feats.shape[:3]
         approximate = approximate.view(cols // _RUN, rows, slots, _RUN, -1).permute(1, 0, 3, 2, 4)
         approximate = approximate.reshape(-1, len(codes))  # as the buffers: (rows, cols, slots)
@@ -540,7 +548,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(monkeypatch, shape, pi
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
     for worker, (y0, x0) in enumerate([(0, 0), (16, 8)]):  # a fresh worker's scores: -inf wherever not computed
         codes = engine.codes[y0:y0 + th, x0:x0 + tw].flatten(0, 1)
-        scores = ring.approximate(codes, y0, x0, worker, len(codes))  # (Q / W, keys, W)
+        scores = approximate_scores(ring, codes, y0, x0, worker)  # (Q / W, keys, W)
         best = np.full((scores.shape[1] // _RUN, len(codes)), -np.inf, np.float32)  # as a worker's buffer
         pieces = ring.tile_pieces(y0, x0, len(codes))
         kernels.run_maxima(scores.view(torch.int16).numpy(), pieces, ring.run_reach.numpy(), _RUN, rows, slots, best)
@@ -559,7 +567,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(monkeypatch, shape, pi
         want = scores.amax(3).masked_fill(~in_reach, -math.inf)
         assert torch.equal(torch.from_numpy(best).view(want.shape), want)
         first = engine.groups[0]
-        first_scores = first.approximate(codes, y0, x0, worker, len(codes))
+        first_scores = approximate_scores(first, codes, y0, x0, worker)
         first_best = np.full((first_scores.shape[1] // _RUN, len(codes)), np.nan, np.float32)  # all written
         kernels.run_maxima(first_scores.view(torch.int16).numpy(), first.tile_pieces(y0, x0, len(codes)),
                            first.run_reach.numpy(), _RUN, *first.span[:1], 1, first_best)

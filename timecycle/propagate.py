@@ -516,9 +516,11 @@ class _Context:
         return self.scratch[worker]
 
     def products(self, codes: Tensor, y0: int, x0: int, worker: int, live: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """The bfloat16 matmuls that :meth:`approximate` runs, as (keys, queries^T, into):
-        views of the buffers and of ``codes``, which stay valid as long as they do, so a
-        caller may keep them and run them again on the next frame."""
+        """The bfloat16 matmuls, as (keys, queries^T, into), that score the block of the
+        tile at (y0, x0) for its queries coded (Q, C') into :meth:`scores`, the first
+        ``live`` only (the tile's rows in the grid): views of the buffers and of
+        ``codes``, which stay valid as long as they do, so a caller may keep them and run
+        them again on the next frame."""
         top, left = self._block(y0, x0)
         (rows, cols), scores = self.span, self.buffers(worker)[0]
         block = self.codes[left // _RUN:(left + cols) // _RUN, top:top + rows]  # (B / _RUN, R, S, _RUN, C')
@@ -529,13 +531,11 @@ class _Context:
                  scores[q0 // part, band, lo:hi].view(-1, part)[:, :q1 - q0])
                 for band, _, _, q0, q1, lo, hi in self.tile_pieces(y0, x0, live).tolist() if lo < hi]
 
-    def approximate(self, codes: Tensor, y0: int, x0: int, worker: int, live: int) -> Tensor:
-        """Approximate scores (Q / W, B / _RUN * R * S * _RUN, W) of the block's keys for
-        queries coded (Q, C'), in the order the codes are stored, -inf for some pairs out
-        of reach, for the first ``live`` queries only (the tile's rows in the grid); the
-        worker's next tile overwrites them."""
-        for keys, queries, out in self.products(codes, y0, x0, worker, live):
-            torch.mm(keys, queries, out=out)
+    def scores(self, worker: int) -> Tensor:
+        """What :meth:`products` write for worker thread ``worker``: the approximate
+        scores (Q / W, B / _RUN * R * S * _RUN, W) of a tile's block, in the order the
+        codes are stored, -inf for some pairs out of reach; the worker's next tile
+        overwrites them."""
         scores = self.buffers(worker)[0]
         return scores.view(len(scores), -1, scores.shape[-1])
 
@@ -802,10 +802,7 @@ class _Propagator:
         codes = self.tile_codes[tile]  # (Q, C')
         live = min((self.h - y0) * cols, len(codes))  # a tile's last rows may lie past the grid: not scored
         products = [p for g in groups for p in g.products(codes, y0, x0, worker, live)]
-        scores = []
-        for g in groups:
-            buffer = g.buffers(worker)[0]
-            scores.append(buffer.view(len(buffer), -1, buffer.shape[-1]).view(torch.int16).numpy().view(np.uint16))
+        scores = [g.scores(worker).view(torch.int16).numpy().view(np.uint16) for g in groups]
         arrays = list(zip(*(g.arrays for g in groups)))
         geometry = np.array([g.geometry(y0, x0) for g in groups], dtype=np.int64)
         values, labels = (x[tile].numpy() for x in self.kept)
