@@ -469,7 +469,7 @@ def test_the_bfloat16_error_bound_holds(signed, channels):
     th, tw = engine.tile
     for y0, x0 in [(0, 0), (8, 16)]:
         tile = (slice(y0, y0 + th), slice(x0, x0 + tw))
-        codes = engine.codes[tile].flatten(0, 1)
+        codes = engine.codes[y0 // th * engine.tiles[1] + x0 // tw]  # (Q, C'), the tile's queries row by row
         approximate = approximate_scores(group, codes, y0, x0, 0)[0].double()  # (N, Q), by band, run-innermost
         rows, cols, slots = group.feats.shape[:3]
         approximate = approximate.view(cols // _RUN, rows, slots, _RUN, -1).permute(1, 0, 3, 2, 4)
@@ -547,7 +547,7 @@ def test_the_bfloat16_pass_scores_every_pair_within_reach(monkeypatch, shape, pi
     assert not scored.all() or (shape == "square" and piece is None)  # a square's tile reaches every row
     reach = reach[:, :, None].expand(-1, -1, slots, -1, -1)  # as the scores: (B / _RUN, R, S, _RUN, Q)
     for worker, (y0, x0) in enumerate([(0, 0), (16, 8)]):  # a fresh worker's scores: -inf wherever not computed
-        codes = engine.codes[y0:y0 + th, x0:x0 + tw].flatten(0, 1)
+        codes = engine.codes[y0 // th * engine.tiles[1] + x0 // tw]  # (Q, C')
         scores = approximate_scores(ring, codes, y0, x0, worker)  # (Q / W, keys, W)
         best = np.full((scores.shape[1] // _RUN, len(codes)), -np.inf, np.float32)  # as a worker's buffer
         pieces = ring.tile_pieces(y0, x0, len(codes))

@@ -628,12 +628,10 @@ class _Propagator:
         self.queries = torch.zeros(self.tiles[0] * tile[0], self.tiles[1] * tile[1], self.channels, device=device)
         coder = _Coder(first.permute(1, 2, 0)) if self.shortlist else None
         if self.shortlist:
-            self.codes = torch.zeros(*self.queries.shape[:2], _code_width(coder.dims), dtype=torch.bfloat16,
-                                     device=device)
-            # The same codes tile by tile, (T, Q, C'), so that a tile's are one matrix, whose
-            # views the bfloat16 matmuls keep (:meth:`_call`).
-            self.tile_codes = torch.zeros(self.tiles[0] * self.tiles[1], tile[0] * tile[1], self.codes.shape[-1],
-                                          dtype=torch.bfloat16, device=device)
+            # The queries' codes tile by tile, (T, Q, C'), so that a tile's are one matrix,
+            # whose views the bfloat16 matmuls keep (:meth:`_call`); zero past the grid.
+            self.codes = torch.zeros(self.tiles[0] * self.tiles[1], tile[0] * tile[1], _code_width(coder.dims),
+                                     dtype=torch.bfloat16, device=device)
             self.calls: dict[tuple[int, int, int], tuple[list, tuple]] = {}
             self.weights = torch.zeros(*self.queries.shape[:2], 3, device=device)
             self.bounds = torch.zeros(3, *self.queries.shape[:2], dtype=torch.float64, device=device)
@@ -739,10 +737,10 @@ class _Propagator:
         cc = c @ c
         qc = beta + cc  # q . c = c . (q - c) + c . c
         shift = (1 - qc).bfloat16()  # t ~ 1 - q . c: the best scores q . k are near 1
-        self.codes[:self.h, :self.w, :coder.dims + 3] = torch.cat(
-            [code, torch.ones_like(shift)[..., None].expand(-1, -1, 2), -shift[..., None]], -1)
+        codes = torch.cat([code, torch.ones_like(shift)[..., None].expand(-1, -1, 2), -shift[..., None]], -1)
         (th, tw), (rows, cols) = self.tiles, self.tile
-        self.tile_codes.view(th, tw, rows, cols, -1).copy_(self.codes.view(th, rows, tw, cols, -1).transpose(1, 2))
+        grid = F.pad(codes, (0, self.codes.shape[-1] - codes.shape[-1], 0, tw * cols - self.w, 0, th * rows - self.h))
+        self.codes.view(th, tw, rows, cols, -1).copy_(grid.view(th, rows, tw, cols, -1).transpose(1, 2))
         self.weights[:self.h, :self.w] = own[..., [1, 0, 2]]  # against a key's [off, size, residual]
         db, pb, size, kmax = torch.cat([g.errors[:g.filled] for g in self.groups]).amax(0).tolist()
         norm, shift = own[..., 1].double(), shift.double()
@@ -798,7 +796,7 @@ class _Propagator:
         took about 0.1 ms of Python a tile, while the other thread's Python waited: made
         once, a ResNet-18 frame at 480p on 2 cores takes 8% less time (0.221 -> 0.203 s,
         means of 4 runs on cached features)."""
-        codes = self.tile_codes[tile]  # (Q, C')
+        codes = self.codes[tile]  # (Q, C')
         live = min((self.h - y0) * self.tile[1], len(codes))  # a tile's last rows may lie past the grid: not scored
         products = [p for g in groups for p in g.products(codes, y0, x0, worker, live)]
         scores = [g.scores(worker).view(torch.int16).numpy().view(np.uint16) for g in groups]
